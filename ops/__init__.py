@@ -1,0 +1,1 @@
+"""Operator tooling behind tasks.py: build, local cluster, deploy, fleet operations."""

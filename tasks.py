@@ -1,0 +1,11 @@
+"""taskfleet operator tasks: `invoke --list` shows them all.
+
+Each namespace lives in a small module under ops/; this file only assembles them.
+"""
+
+from invoke import Collection
+
+from ops import build_tasks
+
+ns = Collection()
+ns.add_task(build_tasks.build)
