@@ -1,0 +1,156 @@
+"""`invoke deploy`: build the artifact, then run playbooks/site.yml with Ansible.
+
+The full Ansible output of every run is kept in .cluster/logs/deploy-TIMESTAMP.log (0600),
+so a deploy can be read again later, and so tests can prove the authkey never shows up.
+"""
+
+import os
+import re
+import shlex
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from ops import artifact
+from ops.paths import CLUSTER_DIR, LOCAL_INVENTORY, ROOT
+
+VENV_BIN = ROOT / ".venv" / "bin"
+PLAYBOOK = ROOT / "playbooks" / "site.yml"
+LOG_DIR = CLUSTER_DIR / "logs"
+CONTROL_PATH_DIR = CLUSTER_DIR / "ansible-cp"
+DEFAULT_INVENTORY = "inventory/local"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# "tf-master : ok=12 changed=0 unreachable=0 failed=0 skipped=3 rescued=0 ignored=0"
+RECAP_LINE = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$")
+
+
+class _Tee:
+    """File-like object for invoke's out_stream: echo to the terminal, keep a plain copy."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def write(self, data):
+        sys.stdout.write(data)
+        self.log.write(ANSI.sub("", data))
+
+    def flush(self):
+        sys.stdout.flush()
+        self.log.flush()
+
+
+def parse_recap(output: str) -> dict:
+    """Return {host: {"ok": n, "changed": n, "unreachable": n, "failed": n, ...}} from PLAY RECAP."""
+    text = ANSI.sub("", output)
+    if "PLAY RECAP" not in text:
+        return {}
+    recap = {}
+    for line in text.rsplit("PLAY RECAP", 1)[1].splitlines()[1:]:
+        match = RECAP_LINE.match(line.strip())
+        if match:
+            counts = dict(pair.split("=") for pair in match["counts"].split())
+            recap[match["host"]] = {key: int(value) for key, value in counts.items()}
+        elif recap and line.strip() == "":
+            break
+    return recap
+
+
+def _check_inventory(inventory: Path) -> None:
+    is_local = inventory.resolve() == LOCAL_INVENTORY.resolve()
+    hint = " Start the local cluster first: invoke cluster.up" if is_local else ""
+    if not inventory.exists():
+        raise Exit(f"deploy: inventory {inventory} does not exist.{hint}", code=2)
+    if inventory.is_dir():
+        sources = [p for p in inventory.iterdir() if p.name not in ("group_vars", "host_vars", "secrets")]
+        if not sources:
+            raise Exit(f"deploy: inventory {inventory} lists no hosts (only variables).{hint}", code=2)
+
+
+def _leaked_authkey(inventory: Path, output: str) -> bool:
+    """True if the controller-generated authkey of this inventory appears in the output."""
+    key_file = (inventory if inventory.is_dir() else inventory.parent) / "secrets" / "authkey"
+    try:
+        key = key_file.read_text().strip()
+    except OSError:
+        return False
+    return bool(key) and key in output
+
+
+@task(
+    help={
+        "inventory": "Ansible inventory (directory or file) to deploy to; default inventory/local",
+        "limit": "only these hosts or groups (Ansible --limit pattern, e.g. 'worker1' or 'workers')",
+        "check": "dry run: show what would change (ansible-playbook --check --diff), change nothing",
+    }
+)
+def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
+    """Deploy the node agents with Ansible (builds the artifact first)."""
+    inv = Path(inventory)
+    if not inv.is_absolute():
+        inv = (Path.cwd() / inv) if (Path.cwd() / inv).exists() else ROOT / inv
+    _check_inventory(inv)
+    playbook_bin = VENV_BIN / "ansible-playbook"
+    if not playbook_bin.exists():
+        raise Exit("deploy: .venv has no ansible-playbook: run tasks through ./invoke, which makes it.", 2)
+
+    built = artifact.build()
+    print(f"==> built {built.relative_to(ROOT)}")
+
+    cmd = [str(playbook_bin), "-i", str(inv), str(PLAYBOOK.relative_to(ROOT))]
+    if limit:
+        cmd += ["--limit", limit]
+    if check:
+        cmd += ["--check", "--diff"]
+
+    CONTROL_PATH_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"deploy-{datetime.now():%Y%m%d-%H%M%S}.log"
+    env = {
+        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(CONTROL_PATH_DIR),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if sys.stdout.isatty():
+        env["ANSIBLE_FORCE_COLOR"] = "1"  # colours on the terminal; the log is kept plain
+
+    print(f"==> {' '.join(cmd)}\n==> full output: {log_path.relative_to(ROOT)}")
+    started = time.monotonic()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as log, c.cd(str(ROOT)):
+        log.write(f"# {datetime.now().isoformat(timespec='seconds')} {' '.join(cmd)}\n")
+        result = c.run(shlex.join(cmd), env=env, warn=True, pty=False,
+                       out_stream=_Tee(log), err_stream=_Tee(log), in_stream=False)
+        elapsed = time.monotonic() - started
+        log.write(f"# exit code {result.exited}, {elapsed:.1f} s\n")
+
+    output = result.stdout + result.stderr
+    recap = parse_recap(output)
+    print(f"==> ansible-playbook exited {result.exited} after {elapsed:.1f} s")
+    if recap:
+        total_changed = sum(counts["changed"] for counts in recap.values())
+        print(f"==> {len(recap)} hosts, {total_changed} changed{' (check mode)' if check else ''}")
+
+    if _leaked_authkey(inv, output):
+        raise Exit(
+            f"deploy: SECURITY: the authkey appears in the Ansible output ({log_path}). Rotate it "
+            "(delete the inventory's secrets/authkey, redeploy) and fix the task that leaked it.",
+            3,
+        )
+    unreachable = sorted(h for h, counts in recap.items() if counts.get("unreachable"))
+    failed = sorted(h for h, counts in recap.items() if counts.get("failed"))
+    if unreachable:
+        hint = ""
+        if inv.resolve() == LOCAL_INVENTORY.resolve():
+            hint = " Is the local cluster up? Start it with: invoke cluster.up"
+        raise Exit(f"deploy: unreachable over SSH: {', '.join(unreachable)}.{hint}", 4)
+    if failed:
+        raise Exit(f"deploy: ansible-playbook failed on {', '.join(failed)} (see above, or {log_path}).", 2)
+    if result.exited != 0:
+        raise Exit(f"deploy: ansible-playbook failed with exit code {result.exited} (see {log_path}).", 1)
+    if not recap:
+        raise Exit("deploy: no PLAY RECAP: no host matched (check --limit and the inventory).", 1)
