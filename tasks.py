@@ -5,7 +5,7 @@ Each namespace lives in a small module under ops/; this file only assembles them
 
 from invoke import Collection
 
-from ops import build_tasks
+from ops import build_tasks, cluster
 from ops import deploy as deploy_tasks
 from ops import lint_tasks
 
@@ -13,3 +13,4 @@ ns = Collection()
 ns.add_task(build_tasks.build)
 ns.add_task(deploy_tasks.deploy)
 ns.add_task(lint_tasks.lint)
+ns.add_collection(cluster.ns)
