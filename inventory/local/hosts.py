@@ -2,10 +2,12 @@
 """Ansible inventory of the local cluster (`invoke cluster.up`): `ansible -i inventory/local ...`.
 
 Groups `master` (tf-master) and `workers` (tf-worker1..N, N = TASKFLEET_WORKERS, else what
-`cluster.up` recorded, else 2). Inventory names are the node hostnames; `ansible_host` is the
-node's private address (192.168.56.x), which is also the address the agents use. SSH as `vagrant`
-with the key Vagrant made for each machine, become by sudo (passwordless). Host keys are not
-checked: the nodes are throwaway and remade with new keys on every `cluster.up`.
+`cluster.up` recorded, else 2). Inventory names are the node hostnames (not the Vagrant machine
+names: a host `master` would clash with the group `master`); `ansible_host` is the node's private
+address (192.168.56.x), which is also the address the agents use. SSH as `vagrant` with the key
+Vagrant made for each machine; become by sudo (passwordless, method set in ansible.cfg).
+Host key checking is turned off for this inventory only by group_vars/all.yml beside this file
+(the nodes are remade with new host keys on every `cluster.up`).
 
 Extra host vars for tests that inject faults: `taskfleet_lxc_container` (LXC container name) and
 `taskfleet_host_veth` (host side of the node's network link).
@@ -19,11 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ops import localcluster  # noqa: E402
 
-SSH_ARGS = (
-    "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
-    "-o ServerAliveInterval=2 -o ServerAliveCountMax=3"
-)
-
 
 def inventory() -> dict:
     nodes = localcluster.nodes(localcluster.settings())
@@ -32,9 +29,6 @@ def inventory() -> dict:
             "ansible_host": n.address,
             "ansible_user": "vagrant",
             "ansible_ssh_private_key_file": str(localcluster.private_key(n)),
-            "ansible_ssh_common_args": SSH_ARGS,
-            "ansible_become_method": "sudo",
-            "ansible_python_interpreter": "/usr/bin/python3",
             "taskfleet_lxc_container": n.container,
             "taskfleet_host_veth": n.veth,
         }
