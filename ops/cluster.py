@@ -278,6 +278,10 @@ def down(c, purge=False):
     s = _settings(recorded_first=True)
     t0 = time.monotonic()
     if shutil.which("vagrant") and shutil.which("lxc-info"):
+        # Kill first: Vagrant halts each node cleanly, one after another (~6 s each), for nothing.
+        for n in lc.nodes(s):
+            if _lxc_state(n.container) == "RUNNING":
+                _run("lxc-stop", "-k", "-n", n.container, check=False, quiet=True)
         _say(f"vagrant destroy: master + {s.workers} workers")
         proc = _vagrant(s, "destroy", "-f", check=False)
         if proc.returncode != 0:
