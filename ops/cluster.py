@@ -213,14 +213,16 @@ def _wait_ssh(nodes: list[lc.Node], timeout: float = 90.0) -> None:
 
 
 def _check_against_record(s: lc.Settings) -> None:
+    """Refuse settings that would orphan what an earlier `cluster.up` made (more workers is fine)."""
     rec = lc.recorded()
     if rec is None or not any(_lxc_state(n.container) != "ABSENT" for n in lc.nodes(rec)):
         return
-    same = {**vars(rec), "workers": 0} == {**vars(s), "workers": 0}
-    if not same or s.workers < rec.workers:
+    now, was = s.env(), rec.env()
+    diff = [f"{k}={was[k]} (now {now[k]})" for k in was if was[k] != now[k]]
+    if any(not d.startswith("TASKFLEET_WORKERS=") for d in diff) or s.workers < rec.workers:
         raise Exit(
-            f"cluster: a cluster is up with other settings ({rec}); wanted {s}. Run `invoke cluster.down` "
-            f"first (it removes what was made), or bring it up with the same settings.",
+            f"cluster: a cluster made with {', '.join(diff)} is up. Run `invoke cluster.down` first "
+            f"(it removes what was made), or keep those settings.",
             code=1,
         )
 
