@@ -8,6 +8,7 @@ settings: ops/localcluster.py; inventory: inventory/local/.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -157,12 +158,24 @@ def _remove_bridge(s: lc.Settings) -> None:
 # --- box ----------------------------------------------------------------------------------
 
 
+def _script_digest() -> str:
+    return hashlib.sha256(BOX_SCRIPT.read_bytes()).hexdigest()
+
+
 def _ensure_box(s: lc.Settings) -> None:
+    made_by = lc.BOX_FILE.with_name(lc.BOX_FILE.name + ".script-sha256")
     if not lc.BOX_FILE.exists():
         _say(f"building the LXC box {lc.BOX_FILE.relative_to(ROOT)} (debootstrap; a minute or two, once)")
         t0 = time.monotonic()
         _run("bash", str(BOX_SCRIPT), str(lc.BOX_FILE))
+        made_by.write_text(_script_digest() + "\n")
         _say(f"box built in {time.monotonic() - t0:.0f} s")
+    elif not made_by.exists() or made_by.read_text().strip() != _script_digest():
+        print(
+            f"cluster: note: {lc.BOX_FILE.relative_to(ROOT)} was built by an older ops/lxc-box.sh; "
+            "to rebuild it: `invoke cluster.down --purge` then `invoke cluster.up`",
+            file=sys.stderr,
+        )
     box_dir = lc.VAGRANT_HOME / "boxes" / lc.BOX_NAME.replace("/", "-VAGRANTSLASH-")
     added = box_dir / "0" / "lxc" / "metadata.json"
     if not added.exists() or added.stat().st_mtime < lc.BOX_FILE.stat().st_mtime:
