@@ -27,6 +27,7 @@ DEFAULT_TIMEOUT = 300.0  # seconds one task may run
 DEFAULT_RETRIES = 2  # attempts after the first
 MAX_WAIT = 30.0  # longest a long-poll call may block in the server
 THROUGHPUT_WINDOW = 60.0
+STATUS_LOST_FOR = 3600.0  # seconds a lost worker still shows in status
 
 
 class RejectedJob(ValueError):
@@ -159,10 +160,13 @@ class FleetService:
 
     def status(self) -> dict:
         now, mono = time.time(), time.monotonic()
-        workers = self.ledger.workers()
-        for w in workers:
+        workers = []
+        for w in self.ledger.workers():
             w["alive"] = w["id"] in self.seen
             w["last_seen_ago"] = round(now - w["last_seen"], 1) if w["last_seen"] else None
+            # Workers that left cleanly, or were lost long ago, are history, not fleet.
+            if w["alive"] or (w["state"] == "lost" and w["last_seen_ago"] < STATUS_LOST_FOR):
+                workers.append(w)
         window = min(THROUGHPUT_WINDOW, max(1.0, now - self.started))
         recent = sum(n for t, n in self.completions if t >= mono - window)
         return {
