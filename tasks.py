@@ -7,10 +7,13 @@ from invoke import Collection
 
 from ops import build_tasks, cluster
 from ops import deploy as deploy_tasks
-from ops import lint_tasks
+from ops import fleet, lint_tasks, test_tasks
 
 ns = Collection()
 ns.add_task(build_tasks.build)
 ns.add_task(deploy_tasks.deploy)
 ns.add_task(lint_tasks.lint)
+ns.add_task(test_tasks.test)
 ns.add_collection(cluster.ns)
+for fleet_task in (fleet.status, fleet.submit, fleet.demo, fleet.logs):
+    ns.add_task(fleet_task)

@@ -1,0 +1,31 @@
+"""`invoke test`: the whole suite, end-to-end tier included."""
+
+from __future__ import annotations
+
+import shlex
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from ops import localcluster
+from ops.paths import ROOT
+
+
+@task(help={
+    "e2e": "include the end-to-end tier on the local Vagrant cluster (default; --no-e2e skips it)",
+    "keep_cluster": "leave a cluster that this run brought up running afterwards",
+    "pytest_args": "extra pytest arguments, e.g. \"-k authkey -x\"",
+})
+def test(c, e2e=True, keep_cluster=False, pytest_args=""):
+    """Run the tests: unit, integration, and end-to-end on the local cluster (needs root)."""
+    was_up = localcluster.recorded() is not None
+    marker = [] if e2e else ["-m", "not e2e"]
+    command = ["pytest", "-p", "no:cacheprovider", "-rs", *marker, *shlex.split(pytest_args)]
+    try:
+        result = c.run(shlex.join(command), warn=True, pty=False, env={"PYTHONUNBUFFERED": "1"})
+    finally:
+        if e2e and not was_up and not keep_cluster and localcluster.recorded() is not None:
+            print("==> the tests brought the local cluster up: taking it down again")
+            c.run(f"{shlex.quote(str(ROOT / 'invoke'))} cluster.down", warn=True)
+    if result.exited:
+        raise Exit(code=result.exited)
