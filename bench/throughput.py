@@ -1,0 +1,469 @@
+"""End-to-end throughput of taskfleet against the multiprocessing.managers tutorial and Pool.
+
+    python bench/throughput.py [--quick] [--million] [--json FILE] [--workers 1,2,4]
+
+One run, on 127.0.0.1 only, measures tasks/s from the first submit to the last result
+received, for tiny tasks (`square`) and 10 ms CPU tasks (`burn 10`), with N = 1, 2, 4
+workers, for three systems:
+
+- taskfleet: a durable master (`python -m node master`, fresh --state-dir in a temporary
+  directory) and N worker agents (`python -m node worker --concurrency 1`), driven by
+  node.client.Client;
+- tutorial: the classic multiprocessing.managers pattern, a BaseManager serving a task
+  queue and a result queue, one `put` per task, N worker processes doing one `get` and
+  one `put` per task;
+- pool: multiprocessing.Pool(N).map (a default-style chunksize for tiny tasks, 1 for 10 ms ones).
+
+Every measurement starts its own processes, waits until all workers are connected
+(warm-up), times, and stops every process it started (by PID) even on errors.
+`--million` also queues 1,000,000 tiny tasks on a master with no workers and reports the
+master's RSS and ledger size, then times two workers draining them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import queue
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.managers import BaseManager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from node.client import Client  # noqa: E402
+from node.tasks import BUILTIN  # noqa: E402
+
+FULL = {"tiny": 20_000, "burn": 2_000}
+QUICK = {"tiny": 2_000, "burn": 200}
+BURN_MS = 10
+WORKLOADS = {  # name -> (task name, args of task i)
+    "tiny": ("square", lambda i: (i,)),
+    "burn": ("burn", lambda i: (BURN_MS,)),
+}
+SYSTEMS = ("taskfleet", "tutorial", "pool")
+READY_TIMEOUT = 30.0
+CTX = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_kib(pid: int) -> dict:
+    """VmRSS and VmHWM (peak) of a process, in KiB, from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def _stop_popen(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _stop_process(proc) -> None:
+    if proc.pid is None:
+        return
+    proc.join(2)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+def _check(results: list, task: str, n: int) -> None:
+    if len(results) != n:
+        raise RuntimeError(f"{task}: got {len(results)} results for {n} tasks")
+    if task == "square":
+        bad = [i for i, v in enumerate(results) if v != i * i]
+        if bad:
+            raise RuntimeError(f"square: {len(bad)} wrong results, first at index {bad[0]}")
+
+
+# -- taskfleet -------------------------------------------------------------------------
+
+class Fleet:
+    """A master and N workers as `python -m node` subprocesses, in a temporary directory."""
+
+    def __init__(self, workers: int, python: str = sys.executable, log_level: str = "WARNING"):
+        self.n_workers = workers
+        self.python = python
+        self.log_level = log_level
+        self.tmp = tempfile.TemporaryDirectory(prefix="taskfleet-bench-")
+        self.dir = Path(self.tmp.name)
+        self.keyfile = self.dir / "authkey"
+        fd = os.open(self.keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        self.state = self.dir / "state"
+        self.address = None
+        self.master = None
+        self.workers: list[subprocess.Popen] = []
+        self.client: Client | None = None
+        self.logs = []
+
+    def _spawn(self, *args) -> subprocess.Popen:
+        log = open(self.dir / f"{args[0]}-{len(self.logs)}.log", "wb")
+        self.logs.append(log)
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        for name in [k for k in env if k.startswith("TASKFLEET_")]:
+            del env[name]
+        return subprocess.Popen(
+            [self.python, "-m", "node", "--log-level", self.log_level, *args],
+            cwd=str(ROOT), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+    def start_master(self) -> None:
+        for _attempt in range(5):  # a free port may be taken before the master binds it
+            port = free_port()
+            self.address = f"127.0.0.1:{port}"
+            self.master = self._spawn("master", "--listen", self.address, "--state-dir", str(self.state),
+                                      "--authkey-file", str(self.keyfile))
+            deadline = time.monotonic() + READY_TIMEOUT
+            while time.monotonic() < deadline and self.master.poll() is None:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        break
+                except OSError:
+                    time.sleep(0.05)
+            if self.master.poll() is None:
+                self.client = Client.connect(self.address, str(self.keyfile), retry_for=30.0)
+                return
+        raise RuntimeError(f"master did not start; see {self.dir}")
+
+    def start_workers(self, n: int | None = None) -> None:
+        n = self.n_workers if n is None else n
+        for _ in range(n):
+            self.workers.append(self._spawn("worker", "--master", self.address, "--authkey-file",
+                                            str(self.keyfile), "--concurrency", "1"))
+        self.wait_workers(len(self.workers))
+
+    def alive_workers(self) -> int:
+        return sum(1 for w in self.client.status()["workers"] if w.get("alive"))
+
+    def wait_workers(self, n: int) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while self.alive_workers() < n:
+            dead = [w.pid for w in self.workers if w.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"only {self.alive_workers()} of {n} workers connected (dead: {dead})")
+            time.sleep(0.05)
+
+    def ledger_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.state.glob("ledger.sqlite3*"))
+
+    def close(self) -> None:
+        try:
+            if self.client is not None:
+                self.client.close()
+        except Exception:
+            pass
+        for proc in self.workers:
+            _stop_popen(proc, timeout=40)
+        if self.master is not None:
+            _stop_popen(self.master)
+        for log in self.logs:
+            log.close()
+        self.tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def bench_taskfleet(workload: str, n_tasks: int, n_workers: int) -> dict:
+    task, make = WORKLOADS[workload]
+    args = [make(i) for i in range(n_tasks)]
+    with Fleet(n_workers) as fleet:
+        fleet.start_master()
+        fleet.start_workers()
+        t0 = time.perf_counter()
+        job = fleet.client.submit(task, args)
+        results = job.wait()
+        elapsed = time.perf_counter() - t0
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"taskfleet: {len(failed)} task(s) failed, e.g. {failed[0].error}")
+    _check([r.value for r in results], task, n_tasks)
+    return {"seconds": elapsed, "tasks_per_s": n_tasks / elapsed}
+
+
+# -- the multiprocessing.managers tutorial ---------------------------------------------
+
+_queues: dict = {}
+
+
+def _task_queue():
+    return _queues.setdefault("task", queue.Queue())
+
+
+def _result_queue():
+    return _queues.setdefault("result", queue.Queue())
+
+
+class TutorialServer(BaseManager):
+    pass
+
+
+class TutorialClient(BaseManager):
+    pass
+
+
+TutorialServer.register("get_task_queue", callable=_task_queue)
+TutorialServer.register("get_result_queue", callable=_result_queue)
+TutorialClient.register("get_task_queue")
+TutorialClient.register("get_result_queue")
+
+
+def _tutorial_worker(address, authkey: bytes) -> None:
+    manager = TutorialClient(address=address, authkey=authkey)
+    manager.connect()
+    tasks, results = manager.get_task_queue(), manager.get_result_queue()
+    results.put(("ready", os.getpid()))
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        index, name, args = item
+        results.put((index, BUILTIN[name](*args)))
+
+
+def bench_tutorial(workload: str, n_tasks: int, n_workers: int) -> dict:
+    task, make = WORKLOADS[workload]
+    authkey = secrets.token_bytes(32)
+    server = TutorialServer(address=("127.0.0.1", 0), authkey=authkey, ctx=CTX)
+    procs = []
+    try:
+        server.start()
+        tasks, results = server.get_task_queue(), server.get_result_queue()
+        for _ in range(n_workers):
+            proc = CTX.Process(target=_tutorial_worker, args=(server.address, authkey), daemon=True)
+            proc.start()
+            procs.append(proc)
+        for _ in range(n_workers):  # warm-up: every worker connected
+            tag, _pid = results.get(timeout=READY_TIMEOUT)
+            assert tag == "ready"
+        t0 = time.perf_counter()
+        for i in range(n_tasks):
+            tasks.put((i, task, make(i)))
+        values = [None] * n_tasks
+        for _ in range(n_tasks):
+            index, value = results.get(timeout=120)
+            values[index] = value
+        elapsed = time.perf_counter() - t0
+        for _ in procs:
+            tasks.put(None)
+        _check(values, task, n_tasks)
+        return {"seconds": elapsed, "tasks_per_s": n_tasks / elapsed}
+    finally:
+        for proc in procs:
+            _stop_process(proc)
+        try:
+            server.shutdown()
+        except Exception:
+            pass
+
+
+# -- multiprocessing.Pool --------------------------------------------------------------
+
+def _call(item):
+    name, args = item
+    return BUILTIN[name](*args)
+
+
+def _noop(x):
+    return os.getpid()
+
+
+def bench_pool(workload: str, n_tasks: int, n_workers: int) -> dict:
+    task, make = WORKLOADS[workload]
+    items = [(task, make(i)) for i in range(n_tasks)]
+    if workload == "tiny":
+        chunksize, extra = divmod(n_tasks, n_workers * 4)  # what Pool.map picks by default
+        chunksize += bool(extra)
+    else:
+        chunksize = 1
+    pool = CTX.Pool(n_workers)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT  # warm-up: every process started and answering
+        while len(set(pool.map(_noop, range(n_workers * 4), chunksize=1))) < n_workers:
+            if time.monotonic() > deadline:
+                break
+        t0 = time.perf_counter()
+        values = pool.map(_call, items, chunksize=chunksize)
+        elapsed = time.perf_counter() - t0
+    finally:
+        pool.terminate()
+        pool.join()
+    _check(values, task, n_tasks)
+    return {"seconds": elapsed, "tasks_per_s": n_tasks / elapsed, "chunksize": chunksize}
+
+
+BENCHES = {"taskfleet": bench_taskfleet, "tutorial": bench_tutorial, "pool": bench_pool}
+
+
+# -- the run ---------------------------------------------------------------------------
+
+def run_matrix(counts: dict, workers=(1, 2, 4), systems=SYSTEMS, workloads=("tiny", "burn"),
+               verbose: bool = True) -> list[dict]:
+    rows = []
+    for workload in workloads:
+        for n in workers:
+            for system in systems:
+                if verbose:
+                    print(f"  {system:<9} {workload:<4} {counts[workload]:>6} tasks, N={n} ...", end="", flush=True)
+                row = {"system": system, "workload": workload, "tasks": counts[workload], "workers": n}
+                row.update(BENCHES[system](workload, counts[workload], n))
+                rows.append(row)
+                if verbose:
+                    print(f" {row['tasks_per_s']:>10,.0f} tasks/s ({row['seconds']:.2f} s)", flush=True)
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    rate = {(r["system"], r["workload"], r["workers"]): r["tasks_per_s"] for r in rows}
+    out = []
+    for n in sorted({r["workers"] for r in rows}):
+        item = {"workers": n}
+        if ("taskfleet", "tiny", n) in rate and ("tutorial", "tiny", n) in rate:
+            item["tiny_taskfleet_over_tutorial"] = rate["taskfleet", "tiny", n] / rate["tutorial", "tiny", n]
+        if ("taskfleet", "burn", n) in rate and ("pool", "burn", n) in rate:
+            item["burn_taskfleet_over_pool"] = rate["taskfleet", "burn", n] / rate["pool", "burn", n]
+        out.append(item)
+    return out
+
+
+def print_table(rows: list[dict], ratio_rows: list[dict]) -> None:
+    workers = sorted({r["workers"] for r in rows})
+    rate = {(r["system"], r["workload"], r["workers"]): r["tasks_per_s"] for r in rows}
+    print()
+    print("tasks/s (first submit to last result)")
+    header = f"{'workload':<22} {'system':<10}" + "".join(f"{'N=' + str(n):>12}" for n in workers)
+    print(header)
+    print("-" * len(header))
+    for workload in ("tiny", "burn"):
+        label = {"tiny": "square", "burn": f"burn {BURN_MS} ms"}[workload]
+        count = next((r["tasks"] for r in rows if r["workload"] == workload), None)
+        if count is None:
+            continue
+        for system in SYSTEMS:
+            cells = "".join(
+                f"{rate[system, workload, n]:>12,.0f}" if (system, workload, n) in rate else f"{'-':>12}"
+                for n in workers
+            )
+            print(f"{label + f' x{count}':<22} {system:<10}{cells}")
+    print()
+    print("ratios                              target" + "".join(f"{'N=' + str(n):>10}" for n in workers))
+    for key, label, target in (("tiny_taskfleet_over_tutorial", "tiny: taskfleet / tutorial", ">= 10"),
+                               ("burn_taskfleet_over_pool", "10 ms: taskfleet / Pool", ">= 0.95")):
+        cells = "".join(f"{r[key]:>10.2f}" if key in r else f"{'-':>10}" for r in ratio_rows)
+        print(f"{label:<35} {target:<7}{cells}")
+
+
+def bench_million(n_tasks: int = 1_000_000, drain_workers: int = 2, drain_limit: float = 300.0) -> dict:
+    """Queue n tiny tasks with no worker running; report the master's memory and ledger
+    size; then time `drain_workers` workers draining them (gives up after drain_limit s)."""
+    out: dict = {"tasks": n_tasks}
+    args = [(i,) for i in range(n_tasks)]
+    with Fleet(drain_workers) as fleet:
+        fleet.start_master()
+        pid = fleet.master.pid
+        out["rss_before_kib"] = rss_kib(pid)
+        out["ledger_before_bytes"] = fleet.ledger_bytes()
+        print(f"  master pid {pid}: {out['rss_before_kib']}; submitting {n_tasks:,} tasks ...", flush=True)
+        t0 = time.perf_counter()
+        job = fleet.client.submit("square", args)
+        out["submit_seconds"] = time.perf_counter() - t0
+        out["submit_tasks_per_s"] = n_tasks / out["submit_seconds"]
+        out["rss_after_submit_kib"] = rss_kib(pid)
+        out["ledger_after_submit_bytes"] = fleet.ledger_bytes()
+        out["queued"] = fleet.client.status()["tasks"]["queued"]
+        print(f"  submitted in {out['submit_seconds']:.1f} s ({out['submit_tasks_per_s']:,.0f} tasks/s); "
+              f"master {out['rss_after_submit_kib']}; ledger {out['ledger_after_submit_bytes'] / 1e6:.1f} MB",
+              flush=True)
+        if drain_workers:
+            fleet.start_workers(drain_workers)
+            t0 = time.perf_counter()
+            done = 0
+            while time.perf_counter() - t0 < drain_limit:
+                info = job.progress()
+                done = info["done"] + info["failed"]
+                if done >= n_tasks:
+                    break
+                time.sleep(0.5)
+            out["drain_workers"] = drain_workers
+            out["drain_seconds"] = time.perf_counter() - t0
+            out["drained"] = done
+            out["drain_tasks_per_s"] = done / out["drain_seconds"]
+            out["rss_after_drain_kib"] = rss_kib(pid)
+            out["ledger_after_drain_bytes"] = fleet.ledger_bytes()
+            print(f"  {drain_workers} workers drained {done:,} tasks in {out['drain_seconds']:.1f} s "
+                  f"({out['drain_tasks_per_s']:,.0f} tasks/s); master {out['rss_after_drain_kib']}; "
+                  f"ledger {out['ledger_after_drain_bytes'] / 1e6:.1f} MB", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2,000 tiny and 200 10 ms tasks")
+    parser.add_argument("--million", action="store_true", help="also queue 1,000,000 tiny tasks (master memory)")
+    parser.add_argument("--million-only", action="store_true", help="only the 1,000,000-task part")
+    parser.add_argument("--drain-workers", type=int, default=2, help="workers draining the million (0: skip)")
+    parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (default 1,2,4)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+
+    counts = QUICK if args.quick else FULL
+    workers = tuple(int(n) for n in args.workers.split(","))
+    systems = tuple(s for s in args.systems.split(",") if s)
+    report = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_before": os.getloadavg(),
+              "counts": counts}
+    if not args.million_only:
+        print(f"throughput on {os.cpu_count()} CPUs, load average {report['loadavg_before'][0]:.2f}:", flush=True)
+        rows = run_matrix(counts, workers, systems)
+        report["rows"], report["ratios"] = rows, ratios(rows)
+        print_table(rows, report["ratios"])
+    if args.million or args.million_only:
+        print("\nmaster memory with 1,000,000 queued tiny tasks:", flush=True)
+        report["million"] = bench_million(drain_workers=args.drain_workers)
+    report["loadavg_after"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
