@@ -151,18 +151,19 @@ class Ledger:
         """Up to `limit` pending tasks, retries first, then oldest first:
         (task_id, task, args_blob, timeout)."""
         with self.lock:
-            rows = []
+            rows, taken = [], set()  # a handed-back task may be queued twice, or also lie ahead of the cursor
             while self.retry and len(rows) < limit:
                 task_id = self.retry.popleft()
-                if task_id not in self.leases:
+                if task_id not in self.leases and task_id not in taken:
                     rows += self.db.execute(_LEASE_SQL.format(where="t.id = ?"), (task_id,)).fetchall()
+                    taken.add(task_id)
             if len(rows) < limit:
                 fresh = self.db.execute(
                     _LEASE_SQL.format(where="t.id > ?") + " ORDER BY t.id LIMIT ?", (self.cursor, limit - len(rows))
                 ).fetchall()
                 if fresh:
                     self.cursor = fresh[-1][0]
-                rows += [row for row in fresh if row[0] not in self.leases]  # re-claimed after a restart
+                rows += [row for row in fresh if row[0] not in self.leases and row[0] not in taken]
             for row in rows:
                 self.leases[row[0]] = worker
             self.held[worker].update(row[0] for row in rows)
@@ -220,8 +221,8 @@ class Ledger:
                 (first_seq, host, worker, now),
             )
             self.seq += len(outcomes)
-            tally = collections.Counter(dict(db.execute(
-                "SELECT r.job_id, count(*) FROM incoming i JOIN results r ON r.task_id = i.task_id"
+            tally = collections.Counter(dict(db.execute(  # DISTINCT: a task may come twice in one batch
+                "SELECT r.job_id, count(DISTINCT r.task_id) FROM incoming i JOIN results r ON r.task_id = i.task_id"
                 " WHERE r.seq > ? GROUP BY r.job_id", (first_seq,)
             )))
             db.execute("DELETE FROM incoming")
