@@ -135,7 +135,10 @@ class FleetServer(managers.Server):
             except AuthenticationError as exc:
                 log.warning("rejected %s: authentication failed (%s)", _peer(peer), exc)
                 return
-            except (OSError, EOFError) as exc:
+            except EOFError:  # closed without a word: a port probe (health check, wait_for)
+                log.info("connection from %s closed before authenticating", _peer(peer))
+                return
+            except OSError as exc:
                 log.warning("rejected %s: no valid handshake (%s)", _peer(peer), describe_error(exc))
                 return
             _on_fd(conn.fileno(), 0)  # authenticated: long-lived, may idle
