@@ -19,7 +19,7 @@ import logging
 import socket
 import struct
 import threading
-from multiprocessing import AuthenticationError, connection, managers
+from multiprocessing import AuthenticationError, connection, managers, util
 from traceback import format_exc
 
 from node.config import describe_error, format_address
@@ -188,7 +188,12 @@ def connect(address: tuple[str, int], authkey: bytes):
     manager = FleetManager(address=tuple(address), authkey=authkey, serializer=SERIALIZER)
     try:
         manager.connect()
-        return manager, manager.get_fleet()
+        fleet = manager.get_fleet()
+        # CPython caches one connection per thread and *address*, shared by every proxy to
+        # it: discarding one proxy would cut the others', which then silently reconnect
+        # (to a restarted master, with an object id it never issued). Each proxy gets its own.
+        fleet._tls = util.ForkAwareLocal()
+        return manager, fleet
     except AuthenticationError:
         raise AuthenticationError(
             f"authentication failed with the master at {where}: the authkey file does not hold the master's key"
