@@ -202,10 +202,14 @@ class Worker:
                 except (OSError, EOFError) as exc:
                     transport.discard(fleet)
                     manager = fleet = None
-                    delay = backoff * random.uniform(0.5, 1.5)
+                    delay = min(MAX_BACKOFF, backoff * random.uniform(0.5, 1.5))
                     log.warning("%s; retrying in %.1f s", exc, delay)
-                    self.link_wake.wait(delay)
-                    self.link_wake.clear()
+                    # Not link_wake: the pool sets it whenever a task ends, which made the
+                    # backoff climb to its maximum in a fraction of a second of retries.
+                    if self.draining.is_set():
+                        time.sleep(min(delay, 1.0))
+                    else:
+                        self.draining.wait(delay)
                     backoff = min(MAX_BACKOFF, backoff * 2)
                     continue
                 backoff = 0.5
