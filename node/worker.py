@@ -50,7 +50,7 @@ def _describe(exc: BaseException) -> str:
     return head if len(text) > ERROR_LIMIT else f"{head}\n{text}"
 
 
-def _child(conn, current, registry: Registry, max_payload: int) -> None:
+def _child(conn, current, registry: Registry, max_payload) -> None:
     """A pool process: run chunks of (task_id, name, args_blob, timeout); send outcomes
     (task_id, ok, value_blob, error, seconds) in order, at least every FLUSH_EVERY s."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when children stop
@@ -68,9 +68,9 @@ def _child(conn, current, registry: Registry, max_payload: int) -> None:
             current[0], current[1] = task_id, start
             try:
                 value = pickle.dumps(registry.get(name)(*pickle.loads(blob)))
-                if len(value) > max_payload:
+                if len(value) > max_payload.value:
                     outcome = (task_id, False, None,
-                               f"result is {len(value)} bytes, over the limit of {max_payload}", None)
+                               f"result is {len(value)} bytes, over the limit of {max_payload.value}", None)
                 else:
                     outcome = (task_id, True, value, None, None)
             except BaseException as exc:  # a task's SystemExit is its failure, not ours
@@ -88,7 +88,7 @@ def _child(conn, current, registry: Registry, max_payload: int) -> None:
 class Slot:
     """One child process and the tasks sent to it, oldest first."""
 
-    def __init__(self, ctx, registry: Registry, max_payload: int):
+    def __init__(self, ctx, registry: Registry, max_payload):
         self.current = ctx.RawArray("d", 2)  # task id, monotonic start (0: idle)
         self.conn, child_end = ctx.Pipe()
         self.proc = ctx.Process(target=_child, args=(child_end, self.current, registry, max_payload), daemon=True)
@@ -131,8 +131,10 @@ class Worker:
         self.drain_timeout = drain_timeout
         self.host = socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.max_payload = DEFAULT_MAX_PAYLOAD
         self.ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+        # The master's limit on a result, learned at hello: shared memory, because the pool
+        # processes start before the link has reached the master (and outlive reconnects).
+        self.max_payload = self.ctx.RawValue("q", DEFAULT_MAX_PAYLOAD)
 
         self.lock = threading.Lock()  # guards the four below
         self.local: collections.deque = collections.deque()  # leased, not yet sent to a child
@@ -213,7 +215,7 @@ class Worker:
                     backoff = min(MAX_BACKOFF, backoff * 2)
                     continue
                 backoff = 0.5
-                self.max_payload = info["max_payload"]
+                self.max_payload.value = info["max_payload"]
                 beat_every = info["worker_ttl"] / 4
                 next_beat = time.monotonic() + beat_every
                 log.info("connected to the master at %s as %s", format_address(self.master), self.id)
