@@ -114,15 +114,22 @@ class Client:
         with a clear ValueError (unknown task, bad arguments, payload over its limit)."""
         key = uuid.uuid4().hex
         items = list(args_list)
+        # Check every task before the first chunk goes: a job refused halfway would leave
+        # its first chunks queued (and the job never finished).
+        sizes = []
+        for index, args in enumerate(items):
+            if not isinstance(args, (list, tuple)):
+                raise ValueError(f"task {index}: arguments must be a list, got {type(args).__name__} {args!r:.60}")
+            sizes.append(len(pickle.dumps(args)))
+            if sizes[-1] > max_payload:
+                raise PayloadTooLarge(
+                    f"task {index}: arguments are {sizes[-1]} bytes, over the limit of {max_payload}"
+                )
         job_id, start = None, 0
         while start < len(items) or job_id is None:
             chunk, size = [], 0
             for offset, args in enumerate(items[start:start + CHUNK_TASKS]):
-                blob = len(pickle.dumps(args))
-                if blob > max_payload:
-                    raise PayloadTooLarge(
-                        f"task {start + offset}: arguments are {blob} bytes, over the limit of {max_payload}"
-                    )
+                blob = sizes[start + offset]
                 if chunk and size + blob > CHUNK_BYTES:
                     break
                 chunk.append(args)
