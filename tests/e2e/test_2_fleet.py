@@ -1,0 +1,86 @@
+"""The deployed fleet at work: jobs spread across hosts, a redeploy changes nothing,
+and a worker host killed mid-job loses nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+from ops.deploy import parse_recap
+
+JOB_SIZE = 240
+
+
+def assert_exactly_one_result_each(results, total):
+    indices = sorted(r.index for r in results)
+    assert indices == list(range(total)), "every task has exactly one result"
+    failed = [r for r in results if not r.ok]
+    assert not failed, failed[:3]
+
+
+def test_a_job_is_spread_across_worker_hosts(client, fleet):
+    job = client.submit("burn", [(20,)] * JOB_SIZE)
+    results = job.wait()
+    assert_exactly_one_result_each(results, JOB_SIZE)
+    assert all(r.value > 0 for r in results)  # burn returns its loop count
+    by_host = {r.host for r in results}
+    workers = {h.name for h in fleet.hosts if "workers" in h.groups}
+    assert by_host <= workers
+    assert len(by_host) >= 2, f"all {JOB_SIZE} tasks ran on {by_host}"
+
+
+def test_invoke_submit_and_status(fleet, operator):
+    proc = operator("submit", "square", "--args", "1 2 3", "--json")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    results = sorted((json.loads(line) for line in lines), key=lambda r: r["task"])
+    assert [(r["task"], r["ok"], r["result"]) for r in results] == [(0, True, 1), (1, True, 4), (2, True, 9)]
+    status = operator("status").stdout
+    for h in fleet.hosts:
+        if "workers" in h.groups:
+            assert h.name in status
+
+
+def test_second_deploy_changes_nothing(operator):
+    proc = operator("deploy")
+    recap = parse_recap(proc.stdout)
+    assert recap, proc.stdout[-2000:]
+    assert {host: counts["changed"] for host, counts in recap.items()} == {host: 0 for host in recap}
+    assert all(counts["failed"] == 0 and counts["unreachable"] == 0 for counts in recap.values())
+
+
+def _kill_host(node) -> None:
+    """Stop the container at once and cut its link (its netns can outlive it)."""
+    subprocess.run(["lxc-stop", "-k", "-n", node.container], check=True, capture_output=True)
+    subprocess.run(["ip", "link", "set", node.veth, "down"], capture_output=True)  # may be gone already
+
+
+def test_a_worker_host_killed_mid_job_loses_nothing(client, cluster, operator):
+    victim = next(n for n in cluster if n.group == "workers")
+    total = 300
+    job = client.submit("sleep", [(0.1,)] * total)
+    seen, killed_at = [], []
+
+    def collect():
+        for result in job.results():
+            seen.append((time.monotonic(), result))
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any(r.host == victim.hostname for _, r in seen) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any(r.host == victim.hostname for _, r in seen), f"{victim.hostname} never ran a task"
+    assert len(seen) < total, "the job finished before the host could be killed: make it longer"
+    _kill_host(victim)
+    killed_at.append(time.monotonic())
+    try:
+        reader.join(timeout=240)
+        assert not reader.is_alive(), "the job did not complete after the host died"
+        results = [r for _, r in seen]
+        assert_exactly_one_result_each(results, total)
+        after = {r.host for t, r in seen if t > killed_at[0] + 1}
+        assert after and victim.hostname not in after, after
+    finally:
+        operator("cluster.up")  # bring the killed host back for whatever runs next
