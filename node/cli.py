@@ -194,7 +194,7 @@ def print_status(status: dict) -> None:
     m, t = status["master"], status["tasks"]
     print(f"master {m['address']} (taskfleet {m['version']}, up {m['uptime']:.0f} s)")
     print(f"tasks  {t['queued']} queued, {t['leased']} leased, {t['done']} done, {t['failed']} failed "
-          f"in {t['jobs']} job(s); throughput {status['throughput']} tasks/s (last minute)")
+          f"in {t['jobs']} job(s); throughput {status['throughput']} tasks/s (last 10 s)")
     rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE")]
     for w in status["workers"]:
         state = "alive" if w["alive"] else w["state"]

@@ -26,7 +26,7 @@ log = logging.getLogger("taskfleet.master")
 DEFAULT_TIMEOUT = 300.0  # seconds one task may run
 DEFAULT_RETRIES = 2  # attempts after the first
 MAX_WAIT = 30.0  # longest a long-poll call may block in the server
-THROUGHPUT_WINDOW = 60.0
+THROUGHPUT_WINDOW = 10.0  # seconds: status shows the current rate
 STATUS_LOST_FOR = 3600.0  # seconds a lost worker still shows in status
 
 
@@ -160,13 +160,22 @@ class FleetService:
 
     def status(self) -> dict:
         now, mono = time.time(), time.monotonic()
-        workers = []
-        for w in self.ledger.workers():
+        rows = self.ledger.workers()
+        newest_alive = {}  # host -> start time of its newest live worker
+        for w in rows:
             w["alive"] = w["id"] in self.seen
-            w["last_seen_ago"] = round(now - w["last_seen"], 1) if w["last_seen"] else None
-            # Workers that left cleanly, or were lost long ago, are history, not fleet.
-            if w["alive"] or (w["state"] == "lost" and w["last_seen_ago"] < STATUS_LOST_FOR):
-                workers.append(w)
+            if w["alive"]:
+                newest_alive[w["host"]] = max(newest_alive.get(w["host"], 0.0), w["started"] or 0.0)
+                w["last_seen_ago"] = round(mono - self.seen.get(w["id"], mono), 1)
+            else:
+                w["last_seen_ago"] = round(now - w["last_seen"], 1) if w["last_seen"] else None
+        # History is not fleet: workers that left cleanly, were lost long ago, or were
+        # replaced by a newer worker on the same host are left out.
+        workers = [
+            w for w in rows
+            if w["alive"] or (w["state"] == "lost" and (w["last_seen_ago"] or 0) < STATUS_LOST_FOR
+                              and (w["started"] or 0) > newest_alive.get(w["host"], 0.0))
+        ]
         window = min(THROUGHPUT_WINDOW, max(1.0, now - self.started))
         recent = sum(n for t, n in self.completions if t >= mono - window)
         return {
