@@ -1,0 +1,298 @@
+"""Integration tests: a real master and real worker processes on 127.0.0.1."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import PYTHON, TEST_TASKS, check_exactly_once, wait_for
+
+
+def test_tasks_spread_across_workers(fleet):
+    fleet.start_master()
+    for _ in range(3):
+        fleet.start_worker(concurrency=1)
+    fleet.wait_workers(3)
+    with fleet.client() as client:
+        job = client.submit("sleep", [[0.05]] * 60)
+        results = job.wait()
+    check_exactly_once(results, 60)
+    assert all(r.ok and r.value == 0.05 and r.attempts == 1 for r in results)
+    done = fleet.done_by_worker()
+    assert sum(done.values()) == 60
+    assert sum(1 for n in done.values() if n > 0) >= 2, done
+    status = fleet.status()
+    assert status["tasks"]["done"] == 60 and status["tasks"]["queued"] == 0 and status["tasks"]["leased"] == 0
+
+
+def test_kill_9_of_a_worker_mid_job_loses_nothing(fleet):
+    fleet.start_master(ttl=2)
+    victim = fleet.start_worker(concurrency=2)
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        job = client.submit("sleep", [[0.1]] * 40, retries=3)
+        wait_for(lambda: client.status()["tasks"]["done"] >= 4, 30, "the victim to finish a few tasks")
+        assert client.status()["tasks"]["leased"] > 0
+        victim.kill_group(signal.SIGKILL)  # the agent and its pool processes
+        victim.wait(10)
+        survivor = fleet.start_worker(concurrency=2)
+        results = job.wait()
+    check_exactly_once(results, 40)
+    assert all(r.ok and r.value == 0.1 for r in results)
+    assert any(r.attempts > 1 for r in results), "the victim's leases should have expired with an attempt counted"
+    workers = {w["pid"]: w for w in fleet.status()["workers"]}
+    assert workers[victim.pid]["state"] == "lost" and not workers[victim.pid]["alive"]
+    assert workers[survivor.pid]["done"] > 0
+    assert "lost: silent for" in fleet.procs[0].text()
+
+
+def test_kill_9_of_the_master_mid_job_loses_nothing(fleet):
+    master = fleet.start_master(ttl=2)
+    workers = [fleet.start_worker(concurrency=2) for _ in range(2)]
+    fleet.wait_workers(2)
+    client = fleet.client(retry_for=60)
+    try:
+        job = client.submit("sleep", [[0.05]] * 120)
+        seen = []
+        for result in job.results():
+            seen.append(result)
+            if len(seen) == 20:
+                master.kill_group(signal.SIGKILL)
+                master.wait(10)
+                fleet.start_master(ttl=2)  # same port, same state dir
+        check_exactly_once(seen, 120)
+        assert all(r.ok for r in seen)
+        assert job.progress()["finished"] and job.info["done"] == 120
+    finally:
+        client.close()
+    assert all(w.alive() for w in workers), "workers carry on after a master restart"
+    fleet.wait_workers(2)
+    assert fleet.status()["tasks"]["done"] == 120
+
+
+def test_task_timeout_fails_the_task_and_the_worker_carries_on(fleet):
+    fleet.start_master()
+    worker = fleet.start_worker(concurrency=1)
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        (result,) = client.submit("sleep", [[5]], timeout=0.5, retries=0).wait()
+        assert not result.ok and "timed out" in result.error and result.attempts == 1
+        later = client.submit("square", [[n] for n in range(5)]).wait()
+    assert [r.value for r in later] == [0, 1, 4, 9, 16]
+    assert worker.alive()
+
+
+def test_a_task_that_kills_its_process_fails_after_its_retries(fleet):
+    fleet.start_master("--tasks-module", str(TEST_TASKS))
+    worker = fleet.start_worker("--tasks-module", str(TEST_TASKS), concurrency=1)
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        (result,) = client.submit("crash", [[]], retries=1).wait()
+        assert not result.ok and "worker process died" in result.error and result.attempts == 2
+        later = client.submit("square", [[3], [4]]).wait()
+    assert [r.value for r in later] == [9, 16]
+    assert worker.alive()
+
+
+def test_drain_on_sigterm_finishes_running_tasks_and_hands_back_the_rest(fleet, tmp_path):
+    markers = tmp_path / "started"
+    markers.mkdir()
+    fleet.start_master("--tasks-module", str(TEST_TASKS))
+    draining = fleet.start_worker("--drain-timeout", "20", "--tasks-module", str(TEST_TASKS), concurrency=1)
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        # Short tasks first: the worker learns they are quick and prefetches many.
+        assert all(r.ok for r in client.submit("sleep", [[0.01]] * 30).wait())
+        job = client.submit("nap", [[0.6, str(markers)]] * 10)
+        wait_for(lambda: any(markers.iterdir()), 30, "the first task to start")
+        assert client.status()["tasks"]["leased"] == 10  # all prefetched by the one worker
+        draining.popen.send_signal(signal.SIGTERM)
+        assert draining.wait(30) == 0
+        text = draining.text()
+        assert "draining" in text and "handing" in text and "stopped" in text
+        started_by_draining = len(list(markers.iterdir()))
+        assert client.status()["tasks"]["done"] == 30 + started_by_draining  # what it started, it finished
+        assert started_by_draining < 10
+        other = fleet.start_worker("--tasks-module", str(TEST_TASKS), concurrency=2)
+        results = job.wait()
+    check_exactly_once(results, 10)
+    assert all(r.ok and r.attempts == 1 for r in results), "handed back, not lost: no attempt counted"
+    workers = {w["pid"]: w for w in fleet.status()["workers"]}
+    assert draining.pid not in workers  # it said goodbye: no longer part of the fleet
+    assert workers[other.pid]["done"] == 10 - started_by_draining
+    assert f"worker {draining.text().split(' as ')[1].split()[0]} left" in fleet.procs[0].text()
+
+
+TUTORIAL_WORKER = '''
+import queue, sys, time
+from multiprocessing.managers import BaseManager
+
+class QueueManager(BaseManager):
+    pass
+
+QueueManager.register('get_task_queue')
+QueueManager.register('get_result_queue')
+
+server_addr, port, key_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+print('Connect to server %s...' % server_addr)
+m = QueueManager(address=(server_addr, port), authkey=open(key_file, 'rb').read().strip())
+m.connect()
+task = m.get_task_queue()
+result = m.get_result_queue()
+idle = 0
+while idle < 5:
+    try:
+        n = task.get(timeout=1)
+        print('run task %d * %d...' % (n, n))
+        r = n * n
+        result.put(r)
+        idle = 0
+    except queue.Empty:
+        print('task queue is empty.')
+        idle += 1
+print('worker exit.')
+'''
+
+TUTORIAL_PRODUCER = '''
+import sys
+from multiprocessing.managers import BaseManager
+
+class QueueManager(BaseManager):
+    pass
+
+QueueManager.register('get_task_queue')
+QueueManager.register('get_result_queue')
+m = QueueManager(address=('127.0.0.1', int(sys.argv[1])), authkey=open(sys.argv[2], 'rb').read().strip())
+m.connect()
+task = m.get_task_queue()
+result = m.get_result_queue()
+for i in range(10):
+    task.put(i)
+print(sorted(result.get(timeout=30) for _ in range(10)))
+'''
+
+
+def test_tutorial_worker_and_producer_against_the_master(fleet, tmp_path):
+    fleet.start_master()
+    (tmp_path / "tutorial_worker.py").write_text(TUTORIAL_WORKER)
+    (tmp_path / "tutorial_producer.py").write_text(TUTORIAL_PRODUCER)
+    worker = fleet._spawn("tutorial-worker", [str(tmp_path / "tutorial_worker.py"), "127.0.0.1", str(fleet.port),
+                                              str(fleet.key)])
+    produced = subprocess.run([PYTHON, str(tmp_path / "tutorial_producer.py"), str(fleet.port), str(fleet.key)],
+                              capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert produced.returncode == 0, produced.stderr
+    assert produced.stdout.strip() == str(sorted(n * n for n in range(10)))
+    assert worker.wait(30) == 0
+    assert "run task 9 * 9" in worker.text()
+
+
+def test_oversized_arguments_are_refused_and_nothing_is_queued(fleet):
+    fleet.start_master("--max-payload", "2000")
+    with fleet.client() as client:
+        with pytest.raises(ValueError, match="over the limit of 1000"):
+            client.submit("square", [[1], ["x" * 5000]], max_payload=1000)  # the client's own check
+        with pytest.raises(ValueError, match=r"task 1: arguments are \d+ bytes, over the master's limit of 2000"):
+            client.submit("square", [[1], ["x" * 5000]], max_payload=10**6)  # the master's check
+        status = client.status()
+    assert status["tasks"]["queued"] == 0 and status["tasks"]["jobs"] == 0
+
+
+def test_oversized_arguments_in_a_later_chunk_queue_nothing(fleet):
+    from node import client as client_module
+
+    fleet.start_master()
+    with fleet.client() as client:
+        big = ["x" * 100] * 3
+        items = [[1]] * (client_module.CHUNK_TASKS + 5) + [[big * 1000]]
+        with pytest.raises(ValueError, match="over the limit"):
+            client.submit("square", items, max_payload=5000)
+        status = client.status()
+    assert status["tasks"]["queued"] == 0 and status["tasks"]["jobs"] == 0
+
+
+def test_a_result_over_the_limit_is_recorded_failed(fleet):
+    fleet.start_master("--max-payload", "3000", "--tasks-module", str(TEST_TASKS))
+    fleet.start_worker("--tasks-module", str(TEST_TASKS), concurrency=1)
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        small, big = client.submit("blob", [[100], [5000]], retries=0).wait()
+    assert small.ok and small.value == b"x" * 100
+    assert not big.ok and "over the limit of 3000" in big.error
+
+
+@pytest.mark.parametrize("task, items, message", [
+    ("nope", [[1]], "unknown task 'nope'"),
+    ("square", [[1], [1, 2]], r"task 1: square\(\) takes 1 argument\(s\), got 2"),
+    ("square", [[]], r"task 0: square\(\) takes 1 argument\(s\), got 0"),
+    ("square", [[1], 5], "task 1: arguments must be a list"),
+    ("square", [[1], "ab"], "task 1: arguments must be a list"),
+])
+def test_bad_submissions_are_rejected_and_nothing_is_queued(fleet, task, items, message):
+    fleet.start_master()
+    with fleet.client() as client:
+        with pytest.raises(ValueError, match=message):
+            client.submit(task, items)
+        status = client.status()
+    assert status["tasks"]["queued"] == 0 and status["tasks"]["jobs"] == 0
+
+
+def test_failing_task_reports_its_error_after_retries(fleet):
+    fleet.start_master()
+    fleet.start_worker(concurrency=2)
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        results = client.submit("fail", [["boom"], ["bang"]], retries=2).wait()
+    assert [r.ok for r in results] == [False, False]
+    assert "RuntimeError: boom" in results[0].error and "RuntimeError: bang" in results[1].error
+    assert [r.attempts for r in results] == [3, 3]
+
+
+def test_closing_one_client_leaves_another_working_across_a_master_restart(fleet):
+    master = fleet.start_master()
+    first, second = fleet.client(retry_for=30), fleet.client(retry_for=30)
+    try:
+        assert first.status()["master"]["pid"] == second.status()["master"]["pid"] == master.pid
+        second.close()
+        master.kill_group(signal.SIGKILL)
+        master.wait(10)
+        again = fleet.start_master()
+        assert first.status()["master"]["pid"] == again.pid  # reconnected, not a stale object id
+    finally:
+        first.close()
+
+
+def test_busy_worker_rejoins_a_restarted_master_promptly(fleet):
+    """While the master is away the pool keeps finishing prefetched tasks; that must not
+    run the reconnect backoff up to its 30 s maximum."""
+    master = fleet.start_master()
+    worker = fleet.start_worker(concurrency=2)
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        job = client.submit("sleep", [[0.05]] * 150)
+        wait_for(lambda: client.status()["tasks"]["done"] >= 20, 30, "some progress")
+    master.kill_group(signal.SIGKILL)
+    master.wait(10)
+    time.sleep(1.5)  # an outage while the pool finishes what it prefetched
+    fleet.start_master()
+    fleet.wait_workers(1, timeout=15)  # the backoff stays small: 0.5, 1, 2, 4 s...
+    with fleet.client() as client:
+        results = client.job(job.id).wait()
+    check_exactly_once(results, 150)
+    assert worker.alive()
+
+
+@pytest.mark.parametrize("chunk, message", [
+    (5, "a job's arguments must be a list of argument lists"),
+    ([[1], 5], "task 1: arguments must be a list"),
+    ([[1], [1, 2]], r"task 1: square\(\) takes 1 argument"),
+])
+def test_master_itself_rejects_malformed_chunks(fleet, chunk, message):
+    """What a client that skips its own checks sends: the master's checks hold."""
+    fleet.start_master()
+    with fleet.client() as client:
+        with pytest.raises(ValueError, match=message):
+            client.call("submit", "some-key", "square", chunk, 0, True, None, None)
+        with pytest.raises(ValueError, match="timeout must be > 0"):
+            client.call("submit", "other-key", "square", [[1]], 0, True, -1.0, None)
+        assert client.status()["tasks"]["jobs"] == 0
