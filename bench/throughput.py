@@ -16,7 +16,9 @@ workers, for three systems:
 
 Every measurement starts its own processes, waits until all workers are connected
 (warm-up), times, and stops every process it started (by PID) even on errors.
-`--million` also queues 1,000,000 tiny tasks on a master with no workers and reports the
+`burn` busy-waits on the wall clock, so with more workers than CPUs a task still ends
+10 ms after it started, preempted or not: above N = CPU count the 10 ms figures measure
+scheduling, not CPU capacity. `--million` also queues 1,000,000 tiny tasks on a master with no workers and reports the
 master's RSS and ledger size, then times two workers draining them.
 """
 
@@ -434,6 +436,18 @@ def bench_million(n_tasks: int = 1_000_000, drain_workers: int = 2, drain_limit:
     return out
 
 
+def node_version() -> str:
+    """The commit node/ was measured at (+dirty if it has uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "node"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 2,000 tiny and 200 10 ms tasks")
@@ -449,9 +463,10 @@ def main(argv=None) -> int:
     workers = tuple(int(n) for n in args.workers.split(","))
     systems = tuple(s for s in args.systems.split(",") if s)
     report = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_before": os.getloadavg(),
-              "counts": counts}
+              "counts": counts, "node_version": node_version()}
     if not args.million_only:
-        print(f"throughput on {os.cpu_count()} CPUs, load average {report['loadavg_before'][0]:.2f}:", flush=True)
+        print(f"throughput of node/ at {report['node_version']} on {os.cpu_count()} CPUs, "
+              f"load average {report['loadavg_before'][0]:.2f}:", flush=True)
         rows = run_matrix(counts, workers, systems)
         report["rows"], report["ratios"] = rows, ratios(rows)
         print_table(rows, report["ratios"])
