@@ -173,16 +173,20 @@ class Ledger:
         """A worker that reconnects still holds these: lease them to it again
         (unless they have a result or another worker holds them)."""
         with self.lock:
-            done = self._have_results(task_ids)
-            claimed = [t for t in task_ids if t not in done and t not in self.leases]
+            # Only tasks this ledger issued: a master restarted on another (or a wiped) state
+            # dir must not lease out ids it never had, nor count them as leased.
+            pending = self._pending(task_ids)
+            claimed = [t for t in task_ids if t in pending and t not in self.leases]
             for task_id in claimed:
                 self.leases[task_id] = worker
             self.held[worker].update(claimed)
         return len(claimed)
 
-    def _have_results(self, task_ids) -> set:
+    def _pending(self, task_ids) -> set:
+        """Those of `task_ids` that are tasks of this ledger without a result."""
         return {row[0] for row in self.db.execute(
-            f"SELECT task_id FROM results WHERE task_id IN ({','.join('?' * len(task_ids))})", list(task_ids)
+            f"SELECT id FROM tasks t WHERE id IN ({','.join('?' * len(task_ids))})"
+            " AND NOT EXISTS (SELECT 1 FROM results r WHERE r.task_id = t.id)", list(task_ids)
         )} if task_ids else set()
 
     def _drop_lease(self, task_id: int) -> str | None:
