@@ -230,6 +230,12 @@ class Worker:
                             describe_error(exc))
                 transport.discard(fleet)
                 manager = fleet = None
+            except Exception as exc:  # raised by the master (RemoteError...): the link must live on
+                log.error("call to the master at %s failed: %s; reconnecting", format_address(self.master),
+                          describe_error(exc).strip().splitlines()[-1])
+                transport.discard(fleet)
+                manager = fleet = None
+                self.draining.wait(1.0)  # the same call may fail again: don't spin
         if fleet is not None:
             try:
                 self._exchange(fleet)
