@@ -336,3 +336,25 @@ def test_drain_timeout_hands_back_the_running_tasks(fleet, tmp_path):
         results = job.wait()
     check_exactly_once(results, 4)
     assert all(r.ok and r.attempts == 1 for r in results), [(r.error, r.attempts) for r in results]
+
+
+def test_worker_survives_a_master_restarted_on_a_fresh_state_dir(fleet, tmp_path):
+    """Operator error: the master comes back with an empty ledger while workers still
+    hold (and then fail) tasks it never issued. The workers must not wedge."""
+    master = fleet.start_master()
+    worker = fleet.start_worker(concurrency=2)
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        client.submit("sleep", [[8]] * 2, timeout=4, retries=0)
+        wait_for(lambda: client.status()["tasks"]["leased"] == 2, 30, "both tasks leased")
+    master.kill_group(signal.SIGKILL)
+    master.wait(10)
+    fleet.start_master(state_dir=tmp_path / "fresh")
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        status = client.status()
+        assert status["tasks"]["queued"] >= 0 and status["tasks"]["leased"] == 0, status["tasks"]
+        time.sleep(4)  # the old tasks time out on the worker and are reported
+        results = client.submit("square", [[n] for n in range(5)]).wait()
+    assert [r.value for r in results] == [0, 1, 4, 9, 16]
+    assert worker.alive() and "Traceback" not in worker.text()
