@@ -106,6 +106,10 @@ class Ledger:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+            # Server threads may still be in a call while the master stops: they get an
+            # OSError, which clients and workers treat as "master away, retry", instead of
+            # sqlite3.ProgrammingError, which they would not retry.
+            self.db = _Stopped()
 
     def _scalar(self, sql: str, *params):
         return self.db.execute(sql, params).fetchone()[0]
@@ -342,6 +346,13 @@ class Ledger:
         return [dict(zip(keys, row)) for row in rows]
 
 
+class _Stopped:
+    """Stands in for the closed database."""
+
+    def __getattr__(self, name):
+        raise ConnectionAbortedError("the master is stopping")
+
+
 class _Transaction:
     """`with ledger.transaction() as db:` one locked transaction, committed or rolled back."""
 
@@ -350,7 +361,11 @@ class _Transaction:
 
     def __enter__(self):
         self.ledger.lock.acquire()
-        self.ledger.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.ledger.db.execute("BEGIN IMMEDIATE")
+        except BaseException:  # __exit__ will not run: don't leave the lock held
+            self.ledger.lock.release()
+            raise
         return self.ledger.db
 
     def __exit__(self, exc_type, exc, tb):
