@@ -193,3 +193,24 @@ def test_counts_and_worker_done(ledger):
     assert ledger.counts() == {"queued": 1, "leased": 0, "done": 1, "failed": 1, "jobs": 1}
     done = {w["id"]: w["done"] for w in ledger.workers()}
     assert done == {"w1": 1, "w2": 0}
+
+
+def test_claim_ignores_ids_this_ledger_never_issued(ledger):
+    ledger.add_tasks("k", "square", 10.0, 1, 0, blobs(1), True)
+    assert ledger.claim("w1", [1, 99, 100]) == 1
+    assert ledger.counts()["leased"] == 1 and ledger.queued == 0
+    assert ledger.record("w1", "h1", [bad(99), ok(100, 0)], 1.0) == 0
+    assert ledger.counts()["done"] == 0
+
+
+def test_calls_after_close_say_the_master_is_stopping(tmp_path):
+    """Server threads still in a call when the master stops must fail with an OSError
+    (clients and workers retry those), not sqlite3.ProgrammingError."""
+    led = Ledger(tmp_path)
+    job = led.add_tasks("k", "square", 10.0, 1, 0, blobs(1), True)
+    led.close()
+    for call in (lambda: led.job(job), lambda: led.results(job, 0, 10), lambda: led.lease("w1", 1),
+                 lambda: led.record("w1", "h", [ok(1, 1)], 1.0), led.counts):
+        with pytest.raises(ConnectionAbortedError, match="stopping"):
+            call()
+    assert not led.lock._is_owned()  # a failed call leaves the lock free
