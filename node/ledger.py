@@ -95,6 +95,10 @@ class Ledger:
         self.db.executescript(SCHEMA)
         self.db.execute("CREATE TEMP TABLE incoming(n INTEGER PRIMARY KEY, task_id INTEGER, value BLOB, duration REAL)")
         self.lock = threading.RLock()
+        # Clients' reads (results, job progress) go through their own connection: under
+        # WAL they see the last commit and never wait for the writer's lock.
+        self.reader = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self.read_lock = threading.Lock()
         self.leases: dict[int, str] = {}  # task id -> worker
         self.held: dict[str, set] = collections.defaultdict(set)  # worker -> task ids
         self.retry: collections.deque = collections.deque()  # task ids to lease before the cursor's
@@ -104,8 +108,10 @@ class Ledger:
         self.outstanding = self._scalar("SELECT count(*) FROM tasks") - self._scalar("SELECT count(*) FROM results")
 
     def close(self) -> None:
-        with self.lock:
+        with self.lock, self.read_lock:
             self.db.close()
+            self.reader.close()
+            self.reader = _Stopped()
             # Server threads may still be in a call while the master stops: they get an
             # OSError, which clients and workers treat as "master away, retry", instead of
             # sqlite3.ProgrammingError, which they would not retry.
@@ -290,8 +296,8 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------
 
     def job(self, job_id: int) -> dict | None:
-        with self.lock:
-            row = self.db.execute(
+        with self.read_lock:
+            row = self.reader.execute(
                 "SELECT id, task, total, sealed, timeout, max_attempts, created, done, failed FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
@@ -305,8 +311,8 @@ class Ledger:
 
     def results(self, job_id: int, after_seq: int, limit: int) -> list[tuple]:
         """(seq, index, ok, value_blob, error, host, attempts, duration), in completion order."""
-        with self.lock:
-            return self.db.execute(
+        with self.read_lock:
+            return self.reader.execute(
                 "SELECT seq, idx, ok, value, error, host, attempts, duration FROM results"
                 " WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (job_id, after_seq, limit),

@@ -274,10 +274,12 @@ class Worker:
             self.link_wake.clear()
             return
         prefetch = self._prefetch()
-        want = prefetch - len(self.holding)
+        with self.lock:  # idle only if nothing runs and nothing waits to be reported
+            want = prefetch - len(self.holding)
+            idle = not self.holding and not self.outbox
         if want >= max(1, prefetch // 4):
             # Idle: long-poll the master. Busy: don't block, outcomes must flow back.
-            tasks = fleet.lease(self.id, want, 0.0 if self.holding else 1.0)
+            tasks = fleet.lease(self.id, want, 1.0 if idle else 0.0)
             if tasks:
                 with self.lock:
                     self.local.extend(tasks)
