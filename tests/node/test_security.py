@@ -4,6 +4,7 @@ import logging
 import os
 import pickle
 import random
+import errno
 import socket
 import struct
 import threading
@@ -39,6 +40,9 @@ def raw(port: int, data: bytes = b"", read_first: bool = False, timeout: float =
                 received += chunk
         except (ConnectionResetError, BrokenPipeError):
             pass
+        except OSError as exc:  # the master may drop us before our shutdown(): ENOTCONN
+            if exc.errno != errno.ENOTCONN:
+                raise
         return received
 
 
