@@ -1,10 +1,10 @@
 """The master facing peers without the key: wrong keys, garbage, hostile pickles."""
 
+import errno
 import logging
 import os
 import pickle
 import random
-import errno
 import socket
 import struct
 import threading
