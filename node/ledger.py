@@ -27,12 +27,14 @@ import pickle
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 
 BATCH_TASKS = 1024  # tasks in one stored batch at most
 BATCH_BYTES = 1024 * 1024  # and about this many bytes of arguments (a larger task is a batch alone)
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs(
     id INTEGER PRIMARY KEY,
     key TEXT UNIQUE,
@@ -123,6 +125,9 @@ class Ledger:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint (and fsync) every ~40 MB, not 4
         self.db.executescript(SCHEMA)
+        # Names this ledger: task ids mean nothing to another one (a fresh state dir).
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)", (uuid.uuid4().hex,))
+        self.instance = self._scalar("SELECT value FROM meta WHERE key = 'instance'")
         self.lock = threading.RLock()
         # Clients' reads (results, job progress) go through their own connection: under
         # WAL they see the last commit and never wait for the writer's lock.

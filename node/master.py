@@ -57,15 +57,17 @@ class FleetService:
 
     # -- workers ---------------------------------------------------------------------
 
-    def hello(self, worker: str, host: str, pid: int, concurrency: int, held=()) -> dict:
-        """A worker (re)joins. `held`: task ids it still holds from before a reconnect."""
+    def hello(self, worker: str, host: str, pid: int, concurrency: int, held=(), instance=None) -> dict:
+        """A worker (re)joins. `held`: task ids it still holds from before a reconnect,
+        leased from the ledger named `instance` (ids from another ledger are not claimed)."""
         self.ledger.upsert_worker(worker, host, pid, concurrency, time.time())
         self.seen[worker] = time.monotonic()
         self.expected.discard(worker)
-        claimed = self.ledger.claim(worker, list(held))
+        claimed = self.ledger.claim(worker, list(held)) if instance == self.ledger.instance else 0
         log.info("worker %s joined from %s (pid %s, concurrency %s%s)", worker, host, pid, concurrency,
                  f", still holding {claimed} task(s)" if held else "")
-        return {"worker_ttl": self.worker_ttl, "max_payload": self.max_payload, "version": __version__}
+        return {"worker_ttl": self.worker_ttl, "max_payload": self.max_payload, "version": __version__,
+                "instance": self.ledger.instance}
 
     def heartbeat(self, worker: str) -> bool:
         """False: the master does not know this worker (it restarted): say hello again."""

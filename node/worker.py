@@ -141,6 +141,8 @@ class Worker:
         self.outbox: list = []  # outcomes the master has not acknowledged
         self.handback: list = []  # task ids to release
         self.holding: set = set()  # ids of leased tasks without an outcome yet
+        self.stale: set = set()  # ids still running that belong to a ledger the master lost
+        self.instance = None  # the master's ledger our leases come from
 
         self.reported = 0.0  # monotonic time outcomes were last sent
         self.mean_seconds = None  # running mean of task durations: sizes leases and chunks
@@ -195,7 +197,7 @@ class Worker:
             if fleet is None:
                 try:
                     manager, fleet = transport.connect(self.master, self.authkey)
-                    info = fleet.hello(self.id, self.host, os.getpid(), self.concurrency, self._held())
+                    info = self._introduce(fleet)
                 except AuthenticationError as exc:
                     self.fatal = str(exc)
                     self.draining.set()
@@ -222,7 +224,7 @@ class Worker:
             try:
                 if time.monotonic() >= next_beat:
                     if not fleet.heartbeat(self.id):  # the master forgot us (restart): introduce again
-                        fleet.hello(self.id, self.host, os.getpid(), self.concurrency, self._held())
+                        self._introduce(fleet)
                     next_beat = time.monotonic() + beat_every
                 self._exchange(fleet)
             except (OSError, EOFError) as exc:
@@ -246,6 +248,23 @@ class Worker:
         del manager
         self.link_done.set()
         self._wake_pool()
+
+    def _introduce(self, fleet) -> dict:
+        """Say hello, with the tasks still held. A master on another ledger (a fresh
+        state dir) knows nothing of them: drop them and any outcome still to come."""
+        info = fleet.hello(self.id, self.host, os.getpid(), self.concurrency, self._held(), self.instance)
+        if self.instance is not None and info["instance"] != self.instance:
+            with self.lock:
+                dropped = len(self.holding) + len(self.outbox)
+                self.stale |= self.holding
+                self.holding.clear()
+                self.local.clear()
+                self.outbox.clear()
+                self.handback.clear()
+            log.warning("the master's ledger changed (a new state dir): dropped %d task(s) and outcome(s) "
+                        "from the old one", dropped)
+        self.instance = info["instance"]
+        return info
 
     def _exchange(self, fleet) -> None:
         """Report outcomes, hand back tasks, then lease (long-polling when idle).
@@ -299,9 +318,17 @@ class Worker:
             assert record[0] == outcome[0], "child answered out of order"
         self._learn(outcomes)
         with self.lock:
-            self.outbox.extend(outcomes)
+            self.outbox.extend(self._current(outcomes))
             self.holding.difference_update(outcome[0] for outcome in outcomes)
         self.link_wake.set()
+
+    def _current(self, outcomes: list) -> list:
+        """Outcomes less those of tasks from a ledger the master no longer has (lock held)."""
+        if not self.stale:
+            return outcomes
+        fresh = [o for o in outcomes if o[0] not in self.stale]
+        self.stale.difference_update(o[0] for o in outcomes)
+        return fresh
 
     def _replace(self, slots: list, slot: Slot, why: str) -> None:
         """The child died or overran: blame its current task, requeue the rest locally."""
@@ -324,8 +351,10 @@ class Worker:
             log.warning("task %s (%s): %s", record[0], record[1], error)
         requeue = [r for r in slot.inflight if not failed or r[0] != failed[0][0]]
         with self.lock:
+            self.stale.difference_update(r[0] for r in requeue)
+            requeue = [r for r in requeue if r[0] in self.holding]  # not from a lost ledger
             self.local.extendleft(reversed(requeue))
-            self.outbox.extend(failed)
+            self.outbox.extend(self._current(failed))
             self.holding.difference_update(outcome[0] for outcome in failed)
         self.link_wake.set()
         slot.inflight.clear()

@@ -358,3 +358,23 @@ def test_worker_survives_a_master_restarted_on_a_fresh_state_dir(fleet, tmp_path
         results = client.submit("square", [[n] for n in range(5)]).wait()
     assert [r.value for r in results] == [0, 1, 4, 9, 16]
     assert worker.alive() and "Traceback" not in worker.text()
+
+
+def test_results_from_a_lost_ledger_never_land_on_new_tasks(fleet, tmp_path):
+    """A master back on a fresh state dir issues task ids again from 1: a worker still
+    running old tasks 1 and 2 must not report them as the new tasks 1 and 2."""
+    master = fleet.start_master()
+    worker = fleet.start_worker(concurrency=2)
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        client.submit("sleep", [[3]] * 2, timeout=30, retries=0)
+        wait_for(lambda: client.status()["tasks"]["leased"] == 2, 30, "both old tasks leased")
+    master.kill_group(signal.SIGKILL)
+    master.wait(10)
+    fleet.start_master(state_dir=tmp_path / "fresh")
+    fleet.wait_workers(1)
+    with fleet.client() as client:
+        results = client.submit("square", [[10], [11]]).wait()  # ids 1 and 2 again
+    assert [(r.ok, r.value) for r in results] == [(True, 100), (True, 121)]
+    assert worker.alive()
+    wait_for(lambda: "ledger changed" in worker.text(), 10, "the worker to say it dropped the old tasks")
