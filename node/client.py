@@ -110,8 +110,9 @@ class Client:
     def submit(self, task: str, args_list, *, timeout: float | None = None, retries: int | None = None,
                max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
         """Queue one task per item of `args_list` (each a list or tuple of arguments).
-        Large jobs go in chunks; the master validates every task and rejects the chunk
-        with a clear ValueError (unknown task, bad arguments, payload over its limit)."""
+        Large jobs go in chunks; the master validates every task and refuses the job
+        whole with a clear ValueError (unknown task, bad arguments, payload over its
+        limit): chunks it had accepted are withdrawn."""
         key = uuid.uuid4().hex
         items = list(args_list)
         # Check every task before the first chunk goes: a job refused halfway would leave

@@ -251,6 +251,26 @@ class Ledger:
                         self._forget_job(job_id)
         return job_id
 
+    def abort(self, key: str) -> int:
+        """Withdraw an unsealed job whose later chunk was refused: its tasks, results and
+        leases go (a task already running finishes, its outcome finds nothing). Returns
+        how many tasks the job had."""
+        with self.transaction() as db:
+            row = db.execute("SELECT id, total FROM jobs WHERE key = ? AND sealed = 0", (key,)).fetchone()
+            if row is None:
+                return 0
+            job_id, total = row
+            job = self.jobs.get(job_id)
+            for batch in [b for b in self.batches.values() if b.job_id == job_id]:
+                for task_id in range(batch.first_task, batch.first_task + batch.count):
+                    self._drop_lease(task_id)
+            for table, column in (("results", "job_id"), ("batches", "job_id"), ("jobs", "id")):
+                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
+            if job is not None:
+                self.outstanding -= job.total - job.settled
+            self._forget_job(job_id)
+        return total
+
     def _args(self, batch: _Batch) -> list:
         if self.current and self.current[0] is batch:
             return self.current[1]

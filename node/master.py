@@ -130,13 +130,14 @@ class FleetService:
             where = f"task {first_index + offset}"
             try:
                 self.registry.check_arguments(task, args)
+                blob = pickle.dumps(tuple(args))
+                if len(blob) > self.max_payload:
+                    raise TypeError(f"arguments are {len(blob)} bytes, over the master's limit of {self.max_payload}")
             except TypeError as exc:
-                raise RejectedJob(f"{where}: {exc}") from None
-            blob = pickle.dumps(tuple(args))
-            if len(blob) > self.max_payload:
-                raise RejectedJob(
-                    f"{where}: arguments are {len(blob)} bytes, over the master's limit of {self.max_payload}"
-                )
+                # A job is accepted whole or not at all: drop the chunks that came before.
+                dropped = self.ledger.abort(key)
+                raise RejectedJob(f"{where}: {exc}" + (f" (the job's first {dropped} task(s) were withdrawn)"
+                                                       if dropped else "")) from None
             blobs.append(blob)
         job_id = self.ledger.add_tasks(key, task, timeout, retries + 1, first_index, blobs, final)
         self._notify()

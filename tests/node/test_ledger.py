@@ -215,3 +215,23 @@ def test_calls_after_close_say_the_master_is_stopping(tmp_path):
         with pytest.raises(ConnectionAbortedError, match="stopping"):
             call()
     assert not led.lock._is_owned()  # a failed call leaves the lock free
+
+
+def test_a_refused_later_chunk_withdraws_the_whole_job(tmp_path):
+    """A job is accepted whole or not at all, even when sent in chunks."""
+    from node.master import FleetService, RejectedJob
+    from node.tasks import Registry
+
+    led = Ledger(tmp_path)
+    try:
+        service = FleetService(led, Registry())
+        service.hello("w1", "h1", 1, 1)
+        job = service.submit("key", "square", [[1], [2]], 0, False)
+        assert len(service.lease("w1", 1)) == 1  # one task of the first chunk already runs
+        with pytest.raises(RejectedJob, match="task 3: square.. takes 1 argument.*withdrawn"):
+            service.submit("key", "square", [[3], [4, 5]], 2, True)
+        assert led.job(job) is None
+        assert led.counts() == {"queued": 0, "leased": 0, "done": 0, "failed": 0, "jobs": 0}
+        assert service.lease("w1", 10) == []
+    finally:
+        led.close()
