@@ -55,8 +55,14 @@ def _child(conn, current, registry: Registry, max_payload) -> None:
     (task_id, ok, value_blob, error, seconds) in order, at least every FLUSH_EVERY s."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when children stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    agent = os.getppid()
     while True:
         try:
+            # Siblings forked later hold our pipe's other end too, so the agent's death
+            # shows as a new parent, not as EOF: look while idle.
+            while not conn.poll(1.0):
+                if os.getppid() != agent:
+                    return
             chunk = conn.recv()
         except (EOFError, OSError):
             return

@@ -1,5 +1,6 @@
 """Integration tests: a real master and real worker processes on 127.0.0.1."""
 
+import os
 import signal
 import subprocess
 import time
@@ -378,3 +379,23 @@ def test_results_from_a_lost_ledger_never_land_on_new_tasks(fleet, tmp_path):
     assert [(r.ok, r.value) for r in results] == [(True, 100), (True, 121)]
     assert worker.alive()
     wait_for(lambda: "ledger changed" in worker.text(), 10, "the worker to say it dropped the old tasks")
+
+
+def test_pool_processes_exit_when_their_agent_is_killed(fleet):
+    """kill -9 of the agent alone (not its group): its idle pool processes must not linger."""
+    fleet.start_master()
+    worker = fleet.start_worker(concurrency=3)
+    fleet.wait_workers(1)
+    children = [int(p) for p in subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    assert len(children) == 3
+    os.kill(worker.pid, signal.SIGKILL)
+
+    def gone(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().split(")")[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_for(lambda: all(gone(pid) for pid in children), 15, "the orphaned pool processes to exit")
