@@ -29,7 +29,7 @@ from node.transport import MasterUnavailable
 CHUNK_TASKS = 5000
 CHUNK_BYTES = 4 * 1024 * 1024
 RESULTS_PAGE = 1000
-LINGER = 0.1  # seconds between result polls while a job runs
+LINGER = 0.02  # seconds between result polls while a job runs
 
 
 class PayloadTooLarge(ValueError):
