@@ -339,19 +339,26 @@ def test_drain_timeout_hands_back_the_running_tasks(fleet, tmp_path):
     assert all(r.ok and r.attempts == 1 for r in results), [(r.error, r.attempts) for r in results]
 
 
-def test_worker_survives_a_master_restarted_on_a_fresh_state_dir(fleet, tmp_path):
-    """Operator error: the master comes back with an empty ledger while workers still
-    hold (and then fail) tasks it never issued. The workers must not wedge."""
+def _fresh_master_while_two_tasks_run(fleet, tmp_path, seconds: float, timeout: float):
+    """Two `sleep` tasks leased by a 2-process worker, then the master is killed and
+    comes back on an empty state dir. Returns the worker."""
     master = fleet.start_master()
     worker = fleet.start_worker(concurrency=2)
     fleet.wait_workers(1)
     with fleet.client() as client:
-        client.submit("sleep", [[8]] * 2, timeout=4, retries=0)
+        client.submit("sleep", [[seconds]] * 2, timeout=timeout, retries=0)
         wait_for(lambda: client.status()["tasks"]["leased"] == 2, 30, "both tasks leased")
     master.kill_group(signal.SIGKILL)
     master.wait(10)
     fleet.start_master(state_dir=tmp_path / "fresh")
     fleet.wait_workers(1)
+    return worker
+
+
+def test_worker_survives_a_master_restarted_on_a_fresh_state_dir(fleet, tmp_path):
+    """Operator error: the master comes back with an empty ledger while workers still
+    hold (and then fail) tasks it never issued. The workers must not wedge."""
+    worker = _fresh_master_while_two_tasks_run(fleet, tmp_path, seconds=8, timeout=4)
     with fleet.client() as client:
         status = client.status()
         assert status["tasks"]["queued"] >= 0 and status["tasks"]["leased"] == 0, status["tasks"]
@@ -364,16 +371,7 @@ def test_worker_survives_a_master_restarted_on_a_fresh_state_dir(fleet, tmp_path
 def test_results_from_a_lost_ledger_never_land_on_new_tasks(fleet, tmp_path):
     """A master back on a fresh state dir issues task ids again from 1: a worker still
     running old tasks 1 and 2 must not report them as the new tasks 1 and 2."""
-    master = fleet.start_master()
-    worker = fleet.start_worker(concurrency=2)
-    fleet.wait_workers(1)
-    with fleet.client() as client:
-        client.submit("sleep", [[3]] * 2, timeout=30, retries=0)
-        wait_for(lambda: client.status()["tasks"]["leased"] == 2, 30, "both old tasks leased")
-    master.kill_group(signal.SIGKILL)
-    master.wait(10)
-    fleet.start_master(state_dir=tmp_path / "fresh")
-    fleet.wait_workers(1)
+    worker = _fresh_master_while_two_tasks_run(fleet, tmp_path, seconds=3, timeout=30)
     with fleet.client() as client:
         results = client.submit("square", [[10], [11]]).wait()  # ids 1 and 2 again
     assert [(r.ok, r.value) for r in results] == [(True, 100), (True, 121)]
