@@ -42,6 +42,23 @@ def test_invoke_submit_and_status(fleet, operator):
             assert h.name in status
 
 
+def test_invoke_demo_shows_which_host_did_what(fleet, operator):
+    out = operator("demo", "--tasks", "60", "--ms", "20").stdout
+    assert "60/60 results, 60 ok, 0 failed" in out
+    counts = {h.name: int(m) for h in fleet.hosts for m in
+              [line.split(":")[1].split()[0] for line in out.splitlines() if line.strip().startswith(h.name + ":")]}
+    assert sum(counts.values()) == 60 and len(counts) >= 2, out
+
+
+def test_invoke_logs_reads_each_hosts_journal(fleet, operator):
+    out = operator("logs", "--lines", "200").stdout
+    for h in fleet.hosts:
+        assert f"==> {h.name} ({h.address})" in out
+    assert "taskfleet.master" in out and "taskfleet.worker" in out
+    one = operator("logs", "--host", "tf-worker1", "--lines", "20").stdout
+    assert "==> tf-worker1" in one and "==> tf-master" not in one
+
+
 def test_second_deploy_changes_nothing(operator):
     proc = operator("deploy")
     recap = parse_recap(proc.stdout)
