@@ -101,3 +101,19 @@ def test_a_worker_host_killed_mid_job_loses_nothing(client, cluster, operator):
         assert after and victim.hostname not in after, after
     finally:
         operator("cluster.up")  # bring the killed host back for whatever runs next
+
+
+def test_the_killed_host_comes_back_and_rejoins(client, fleet):
+    """After the kill above, `cluster.up` restarted the container: its enabled worker
+    service starts on boot and rejoins the master, which kept its ledger."""
+    workers = {h.name for h in fleet.hosts if "workers" in h.groups}
+    deadline = time.monotonic() + 90
+    alive = set()
+    while time.monotonic() < deadline:
+        alive = {w["host"] for w in client.status()["workers"] if w["alive"]}
+        if alive == workers:
+            break
+        time.sleep(1)
+    assert alive == workers
+    results = client.submit("square", [(n,) for n in range(50)]).wait()
+    assert [r.value for r in results] == [n * n for n in range(50)]
