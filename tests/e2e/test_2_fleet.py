@@ -117,3 +117,12 @@ def test_the_killed_host_comes_back_and_rejoins(client, fleet):
     assert alive == workers
     results = client.submit("square", [(n,) for n in range(50)]).wait()
     assert [r.value for r in results] == [n * n for n in range(50)]
+
+
+def test_a_users_task_module_is_shipped_and_runs(client, master_host, worker_hosts):
+    """inventory/local ships examples/tasks/primes.py (taskfleet_tasks_files)."""
+    for h in [master_host, *worker_hosts]:
+        f = h.file("/opt/taskfleet/tasks/primes.py")
+        assert f.exists and (f.user, f.group, f.mode) == ("root", "taskfleet", 0o644)
+    results = client.submit("count_primes", [(1000,), (100000,)]).wait()
+    assert [r.value for r in results] == [168, 9592]
