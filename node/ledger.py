@@ -90,6 +90,10 @@ class _Batch:
         self.id, self.job_id, self.first_index, self.first_task, self.count = (
             id, job_id, first_index, first_task, count)
 
+    def index(self, task_id: int) -> int:
+        """The task's index in its job."""
+        return self.first_index + task_id - self.first_task
+
 
 class _Job:
     """What leasing and recording need of an unfinished job, kept in memory."""
@@ -280,8 +284,7 @@ class Ledger:
         return self.loaded[1]
 
     def _pending(self, task_id: int, batch: _Batch, job: _Job, taken: set) -> bool:
-        index = batch.first_index + task_id - batch.first_task
-        return not (task_id in self.leases or task_id in taken or job.has(index))
+        return not (task_id in self.leases or task_id in taken or job.has(batch.index(task_id)))
 
     def lease(self, worker: str, limit: int) -> list[tuple]:
         """Up to `limit` pending tasks, retries first, then oldest first:
@@ -369,7 +372,7 @@ class Ledger:
                 batch, job = self._locate(task_id)
                 if job is None:
                     continue
-                index = batch.first_index + task_id - batch.first_task
+                index = batch.index(task_id)
                 if job.has(index):
                     self._drop_lease(task_id)
                     continue
@@ -431,7 +434,7 @@ class Ledger:
                 if job is None:
                     self._drop_lease(task_id)
                     continue
-                index = batch.first_index + task_id - batch.first_task
+                index = batch.index(task_id)
                 row = self._failed_attempt(db, task_id, index, job,
                                            f"worker {worker} was lost while holding this task", None)
                 if row:

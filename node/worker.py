@@ -8,8 +8,8 @@ child's current task and start time sit in shared memory), and replaces a child 
 dies or overruns without taking the agent down.
 
 Outcomes are kept until the master has acknowledged them, so a master restart loses
-nothing; tasks the agent will not run are handed back (drain) or, if it dies, come back
-by lease expiry on the master.
+nothing; tasks the agent will not run are handed back (drain) or, if it dies, go back
+to the queue when the master stops hearing from it (--worker-ttl).
 """
 
 from __future__ import annotations
@@ -76,14 +76,14 @@ def _child(conn, current, registry: Registry, max_payload) -> None:
                 value = pickle.dumps(registry.get(name)(*pickle.loads(blob)))
                 if len(value) > max_payload.value:
                     outcome = (task_id, False, None,
-                               f"result is {len(value)} bytes, over the limit of {max_payload.value}", None)
+                               f"result is {len(value)} bytes, over the limit of {max_payload.value}")
                 else:
-                    outcome = (task_id, True, value, None, None)
+                    outcome = (task_id, True, value, None)
             except BaseException as exc:  # a task's SystemExit is its failure, not ours
-                outcome = (task_id, False, None, _describe(exc), None)
+                outcome = (task_id, False, None, _describe(exc))
             end = time.monotonic()
             current[1] = 0.0
-            out.append(outcome[:4] + (round(end - start, 6),))
+            out.append(outcome + (round(end - start, 6),))
             if end - flushed >= FLUSH_EVERY:
                 conn.send(out)
                 out, flushed = [], end
@@ -473,6 +473,6 @@ class Worker:
         with self.lock:
             left = len(self.outbox) + len(self.handback)
         if left:
-            log.warning("stopped with %d outcome(s) the master never acknowledged; their leases will expire", left)
+            log.warning("stopped with %d outcome(s) the master never acknowledged; it will requeue their tasks", left)
         log.info("worker %s stopped", self.id)
         return 0
