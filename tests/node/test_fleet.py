@@ -97,12 +97,20 @@ def test_a_task_that_kills_its_process_fails_after_its_retries(fleet):
     assert worker.alive()
 
 
-def test_drain_on_sigterm_finishes_running_tasks_and_hands_back_the_rest(fleet, tmp_path):
+def _master_and_worker_with_test_tasks(fleet, tmp_path, drain_timeout: str, concurrency: int):
+    """A master and one worker that know the tests' tasks (`nap` leaves a marker file in
+    the returned folder when it starts). Returns (markers folder, worker)."""
     markers = tmp_path / "started"
     markers.mkdir()
     fleet.start_master("--tasks-module", str(TEST_TASKS))
-    draining = fleet.start_worker("--drain-timeout", "20", "--tasks-module", str(TEST_TASKS), concurrency=1)
+    worker = fleet.start_worker("--drain-timeout", drain_timeout, "--tasks-module", str(TEST_TASKS),
+                                concurrency=concurrency)
     fleet.wait_workers(1)
+    return markers, worker
+
+
+def test_drain_on_sigterm_finishes_running_tasks_and_hands_back_the_rest(fleet, tmp_path):
+    markers, draining = _master_and_worker_with_test_tasks(fleet, tmp_path, "20", concurrency=1)
     with fleet.client() as client:
         # Short tasks first: the worker learns they are quick and prefetches many.
         assert all(r.ok for r in client.submit("sleep", [[0.01]] * 30).wait())
@@ -321,11 +329,7 @@ def test_sigterm_master_restart_mid_job_loses_nothing(fleet):
 
 
 def test_drain_timeout_hands_back_the_running_tasks(fleet, tmp_path):
-    markers = tmp_path / "started"
-    markers.mkdir()
-    fleet.start_master("--tasks-module", str(TEST_TASKS))
-    slow = fleet.start_worker("--drain-timeout", "0.5", "--tasks-module", str(TEST_TASKS), concurrency=2)
-    fleet.wait_workers(1)
+    markers, slow = _master_and_worker_with_test_tasks(fleet, tmp_path, "0.5", concurrency=2)
     with fleet.client() as client:
         job = client.submit("nap", [[2, str(markers)]] * 4, retries=0)
         wait_for(lambda: len(list(markers.iterdir())) == 2, 30, "both pool processes to start a task")
