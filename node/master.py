@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 
-from node import __version__, transport
+from node import __version__, systemd, transport
 from node.config import DEFAULT_MAX_PAYLOAD, format_address
 from node.ledger import Ledger
 from node.tasks import Registry, UnknownTask
@@ -231,11 +231,14 @@ def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_mo
         "taskfleet master %s listening on %s, state in %s, %d task(s) queued, tasks: %s",
         __version__, format_address(server.address), ledger.path, ledger.queued, ", ".join(registry.names()),
     )
+    systemd.notify("READY=1", f"STATUS=serving on {format_address(server.address)}")
     while not stop.wait(1.0):
         try:
             service.reap()
         except Exception:
             log.exception("upkeep failed")
+        systemd.notify("WATCHDOG=1")
+    systemd.notify("STOPPING=1")
     server.listener.close()
     ledger.close()
     log.info("stopped; state kept in %s", ledger.path)

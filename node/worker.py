@@ -29,7 +29,7 @@ import uuid
 from multiprocessing import AuthenticationError
 from multiprocessing import connection as mpc
 
-from node import transport
+from node import systemd, transport
 from node.config import DEFAULT_MAX_PAYLOAD, describe_error, format_address
 from node.tasks import Registry
 
@@ -415,7 +415,10 @@ class Worker:
                  format_address(self.master), ", ".join(self.registry.names()))
         drain_deadline = None
         next_check = 0.0
+        systemd.notify("READY=1")
         while True:
+            if link.is_alive():
+                systemd.notify("WATCHDOG=1")
             if self.fatal:
                 break
             if self.draining.is_set():
