@@ -8,111 +8,186 @@ authkey itself is only ever read from a file.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import socket
 import sys
 import time
 from collections import Counter
 from multiprocessing import AuthenticationError
+from typing import Callable, NamedTuple
 
 from node import __version__
-from node.config import ConfigError, parse_address, read_authkey, setup_logging
-from node.transport import MasterUnavailable
+from node.config import (
+    DURATION_RULES,
+    LOG_LEVELS,
+    SIZE_RULES,
+    ConfigError,
+    check_state_dir,
+    format_address,
+    parse_address,
+    parse_choice,
+    parse_count,
+    parse_duration,
+    parse_size,
+    read_authkey,
+    setup_logging,
+)
+from node.errors import MasterUnavailable
 
 EXIT_FAILED_TASKS, EXIT_CONFIG, EXIT_UNREACHABLE = 1, 2, 3
+DURABILITIES = ("full", "fast")
 
 
-def _env(name: str, default=None):
-    return os.environ.get(name, default)
+class Setting(NamedTuple):
+    """A flag and its environment variable. The value (flag, else env var, else `default`;
+    an empty env var counts as unset) is a string until `parse_args` runs `parse` on it."""
+
+    flag: str
+    env: str | None
+    default: str | None  # as an operator would write it; None: unset
+    parse: Callable[[str], object]  # the value, range-checked; ConfigError saying what is expected
+    metavar: str
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        env_value = os.environ.get(self.env) if self.env else None
+        details = [f"env {self.env}"] if self.env else []
+        if self.default is not None:
+            details.append(f"default {self.default}")
+        parser.add_argument(self.flag, default=env_value or self.default, metavar=self.metavar,
+                            help=f"{self.help} ({'; '.join(details)})" if details else self.help)
 
 
-def _add_key(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--authkey-file", default=_env("TASKFLEET_AUTHKEY_FILE"), metavar="PATH",
-                   help="file holding the shared authkey (env TASKFLEET_AUTHKEY_FILE); must not be readable by others")
+LOG_LEVEL = Setting("--log-level", "TASKFLEET_LOG_LEVEL", "INFO", lambda t: parse_choice(t, LOG_LEVELS),
+                    "LEVEL", "DEBUG, INFO, WARNING or ERROR")
+AUTHKEY_FILE = Setting("--authkey-file", "TASKFLEET_AUTHKEY_FILE", None, str, "PATH",
+                       "file holding the shared authkey; must not be readable by others")
+MASTER = Setting("--master", "TASKFLEET_MASTER", None, parse_address, "HOST:PORT", "the master's address")
+LISTEN = Setting("--listen", "TASKFLEET_LISTEN", "0.0.0.0:5000", lambda t: parse_address(t, default_host="0.0.0.0"),
+                 "HOST:PORT", "address to listen on")
+STATE_DIR = Setting("--state-dir", "TASKFLEET_STATE_DIR", None, str, "DIR", "where the ledger lives; required")
+WORKER_TTL = Setting("--worker-ttl", "TASKFLEET_WORKER_TTL", "10s", parse_duration, "DURATION",
+                     "a worker silent this long is lost and its leases go back to the queue")
+MAX_PAYLOAD = Setting("--max-payload", "TASKFLEET_MAX_PAYLOAD", "1MiB", parse_size, "SIZE",
+                      "largest pickled arguments or result of one task")
+DURABILITY = Setting("--durability", "TASKFLEET_DURABILITY", "full", lambda t: parse_choice(t, DURABILITIES),
+                     "{full,fast}", "full: every acknowledged submit and stored result survives a power loss; "
+                     "fast: they survive the process dying, a power cut may lose the last moments")
+RETENTION = Setting("--retention", "TASKFLEET_RETENTION", "7d", parse_duration, "DURATION",
+                    "finished jobs are kept this long, then pruned")
+MAX_JOBS = Setting("--max-jobs", "TASKFLEET_MAX_JOBS", "10000", parse_count, "N",
+                   "at most this many finished jobs are kept, the oldest pruned first")
+CONCURRENCY = Setting("--concurrency", "TASKFLEET_CONCURRENCY", None, lambda t: parse_count(t, minimum=0) or None,
+                      "N", "processes in the pool; default (or 0): one per CPU")
+DRAIN_TIMEOUT = Setting("--drain-timeout", "TASKFLEET_DRAIN_TIMEOUT", "30s",
+                        lambda t: parse_duration(t, allow_zero=True), "DURATION",
+                        "on SIGTERM, how long running tasks may finish before they are handed back")
+TIMEOUT = Setting("--timeout", None, None, parse_duration, "DURATION", "how long one task may run (default 300s)")
+RETRIES = Setting("--retries", None, None, lambda t: parse_count(t, minimum=0), "N",
+                  "attempts after the first for a failing task (default 2)")
+SETTINGS = (LOG_LEVEL, AUTHKEY_FILE, MASTER, LISTEN, STATE_DIR, WORKER_TTL, MAX_PAYLOAD, DURABILITY, RETENTION,
+            MAX_JOBS, CONCURRENCY, DRAIN_TIMEOUT, TIMEOUT, RETRIES)
+
+VALUE_RULES = f"DURATION: {DURATION_RULES}. SIZE: {SIZE_RULES}."
 
 
-def _add_master(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--master", default=_env("TASKFLEET_MASTER"), metavar="HOST:PORT",
-                   help="the master's address (env TASKFLEET_MASTER)")
-    _add_key(p)
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr and exit 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_CONFIG, f"taskfleet: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_modules(p: argparse.ArgumentParser) -> None:
-    env = [m for m in _env("TASKFLEET_TASKS_MODULES", "").split(",") if m.strip()]
+    env = [m.strip() for m in os.environ.get("TASKFLEET_TASKS_MODULES", "").split(",") if m.strip()]
     p.add_argument("--tasks-module", action="append", default=None, metavar="MODULE",
                    help="extra tasks: an importable module or a .py file; repeatable "
                         "(env TASKFLEET_TASKS_MODULES, comma-separated)")
     p.set_defaults(env_modules=env)
 
 
+def _subcommand(sub, name: str, help: str, description: str, *settings: Setting) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description, epilog=VALUE_RULES if settings else None)
+    for setting in settings:
+        setting.add_to(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The parser; flags default to their TASKFLEET_* variables, as strings (see parse_args)."""
+    parser = Parser(
         prog="taskfleet-node",
         description="taskfleet node agents: a durable master/worker task system on multiprocessing.managers.",
         epilog="Exit codes: 0 ok, 1 some tasks failed, 2 bad configuration or input (incl. wrong authkey), "
-               "3 master unreachable.",
+               f"3 master unreachable. {VALUE_RULES}",
     )
     parser.add_argument("--version", action="version", version=f"taskfleet-node {__version__}")
-    parser.add_argument("--log-level", default=_env("TASKFLEET_LOG_LEVEL", "INFO"),
-                        help="DEBUG, INFO, WARNING or ERROR (env TASKFLEET_LOG_LEVEL)")
+    LOG_LEVEL.add_to(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("master", help="serve the task queue and the ledger",
-                       description="Run the master: accepts jobs, leases tasks to workers, stores results.")
-    p.add_argument("--listen", default=_env("TASKFLEET_LISTEN", "0.0.0.0:5000"), metavar="HOST:PORT",
-                   help="address to listen on (env TASKFLEET_LISTEN; default 0.0.0.0:5000)")
-    p.add_argument("--state-dir", default=_env("TASKFLEET_STATE_DIR"), metavar="DIR",
-                   help="where the ledger lives (env TASKFLEET_STATE_DIR)")
-    _add_key(p)
+    p = _subcommand(sub, "master", "serve the task queue and the ledger",
+                    "Run the master: accepts jobs, leases tasks to workers, stores results.",
+                    LISTEN, STATE_DIR, AUTHKEY_FILE, WORKER_TTL, MAX_PAYLOAD, DURABILITY, RETENTION, MAX_JOBS)
     _add_modules(p)
-    p.add_argument("--worker-ttl", type=float, default=float(_env("TASKFLEET_WORKER_TTL", "10")), metavar="S",
-                   help="a worker silent this long is lost and its leases go back to the queue (default 10)")
-    p.add_argument("--max-payload", type=int, default=int(_env("TASKFLEET_MAX_PAYLOAD", str(1024 * 1024))),
-                   metavar="BYTES", help="largest pickled arguments or result of one task (default 1 MiB)")
 
-    p = sub.add_parser("worker", help="run tasks leased from the master",
-                       description="Run a worker: leases tasks and runs them in a process pool.")
-    _add_master(p)
-    p.add_argument("--concurrency", type=int, default=int(_env("TASKFLEET_CONCURRENCY", "0")) or None,
-                   metavar="N", help="processes in the pool (env TASKFLEET_CONCURRENCY; default: one per CPU)")
+    p = _subcommand(sub, "worker", "run tasks leased from the master",
+                    "Run a worker: leases tasks and runs them in a process pool.",
+                    MASTER, AUTHKEY_FILE, CONCURRENCY, DRAIN_TIMEOUT)
     _add_modules(p)
-    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                   help="on SIGTERM, how long to let running tasks finish before handing them back (default 30)")
 
-    p = sub.add_parser("submit", help="submit a job",
-                       description="Submit a job: one task per ARG (`submit square 1 2 3` is three tasks), "
-                                   "or one per line of --args-file. An ARG that parses as JSON is that value, "
-                                   "otherwise the plain string.")
-    _add_master(p)
+    p = _subcommand(sub, "submit", "submit a job",
+                    "Submit a job: one task per ARG (`submit square 1 2 3` is three tasks), or one per line of "
+                    "--args-file. An ARG that parses as JSON is that value, otherwise the plain string.",
+                    MASTER, AUTHKEY_FILE, TIMEOUT, RETRIES)
     p.add_argument("task", help="task name, e.g. square, sleep, burn, fail")
     p.add_argument("args", nargs="*", metavar="ARG", help="one task's single argument")
     p.add_argument("--args-file", metavar="FILE", help="one JSON array of arguments per line ('-' for stdin)")
     p.add_argument("--wait", action="store_true", help="wait for every result (else print the job id)")
     p.add_argument("--json", action="store_true", help="with --wait: one JSON object per task result")
-    p.add_argument("--timeout", type=float, metavar="S", help="seconds one task may run (default 300)")
-    p.add_argument("--retries", type=int, metavar="N", help="attempts after the first for a failing task (default 2)")
 
-    p = sub.add_parser("status", help="show the master's view of the fleet")
-    _add_master(p)
+    p = _subcommand(sub, "status", "show the master's view of the fleet", None, MASTER, AUTHKEY_FILE)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("results", help="show a job's results")
-    _add_master(p)
+    p = _subcommand(sub, "results", "show a job's results", None, MASTER, AUTHKEY_FILE)
     p.add_argument("job", type=int, metavar="JOB_ID")
     p.add_argument("--json", action="store_true", help="one JSON object per task result")
     p.add_argument("--wait", action="store_true", help="wait until every task has a result")
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line over the TASKFLEET_* environment, every Setting parsed and range-checked.
+
+    A usage error exits 2 with one line (Parser.error). A bad value raises ConfigError
+    naming the flag and its env var, quoting the value and saying what is expected.
+    """
+    args = build_parser().parse_args(argv)
+    for setting in SETTINGS:
+        value = getattr(args, setting.dest, None)
+        if isinstance(value, str):
+            try:
+                setattr(args, setting.dest, setting.parse(value))
+            except ConfigError as exc:
+                where = f"{setting.flag} (env {setting.env})" if setting.env else setting.flag
+                raise ConfigError(f"{where}: {exc}") from None
+    return args
+
+
 def _modules(args) -> list:
     return args.tasks_module if args.tasks_module is not None else args.env_modules
 
 
-def _master_address(args):
+def _master_address(args) -> tuple[str, int]:
     if not args.master:
         raise ConfigError("no master address: pass --master HOST:PORT or set TASKFLEET_MASTER")
-    return parse_address(args.master)
+    return args.master
 
 
 def _client(args):
@@ -207,15 +282,12 @@ def print_status(status: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    """Run one subcommand; the exit code (see EXIT_*). Errors are one line on stderr."""
     try:
+        args = parse_args(argv)
+        setup_logging(args.log_level)
         return _run(args)
-    except ConfigError as exc:
-        print(f"taskfleet: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except AuthenticationError as exc:
+    except (ConfigError, AuthenticationError) as exc:
         print(f"taskfleet: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except MasterUnavailable as exc:
@@ -226,25 +298,45 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
 
 
+LISTEN_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+def _run_master(args) -> int:
+    """Check the configuration (exit 2 on a bad one), then serve until stopped."""
+    if not args.state_dir:
+        raise ConfigError("no state directory: pass --state-dir DIR or set TASKFLEET_STATE_DIR")
+    key = read_authkey(args.authkey_file)
+    check_state_dir(args.state_dir)
+    from node.master import run_master
+
+    try:
+        return run_master(args.listen, key, args.state_dir, _modules(args), worker_ttl=args.worker_ttl,
+                          max_payload=args.max_payload, durability=args.durability, retention=args.retention,
+                          max_jobs=args.max_jobs)
+    except OSError as exc:
+        if not (isinstance(exc, socket.gaierror) or exc.errno in LISTEN_ERRORS):
+            raise
+        # Maybe passing (the address not up yet at boot, the old master still exiting): exit 1, restarted.
+        print(f"taskfleet: error: cannot listen on {format_address(args.listen)}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+
+
+def _run_worker(args) -> int:
+    """Check the key file once (exit 2 if unusable); the worker re-reads it on every reconnect."""
+    master = _master_address(args)
+    read_authkey(args.authkey_file)
+    from node.worker import Worker
+
+    worker = Worker(master, args.authkey_file, args.concurrency, _modules(args), args.drain_timeout)
+    return worker.run()
+
+
 def _run(args) -> int:
     if args.command == "master":
-        from node.master import run_master
-
-        if not args.state_dir:
-            raise ConfigError("no state directory: pass --state-dir DIR or set TASKFLEET_STATE_DIR")
-        listen = parse_address(args.listen, default_host="0.0.0.0")
-        key = read_authkey(args.authkey_file)
-        try:
-            return run_master(listen, key, args.state_dir, _modules(args), args.worker_ttl, args.max_payload)
-        except OSError as exc:
-            print(f"taskfleet: error: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
+        return _run_master(args)
     if args.command == "worker":
-        from node.worker import Worker
-
-        worker = Worker(_master_address(args), read_authkey(args.authkey_file), args.concurrency,
-                        _modules(args), args.drain_timeout)
-        return worker.run()
+        return _run_worker(args)
     if args.command == "submit":
         items = [[_parse_arg(a)] for a in args.args]
         if args.args_file:

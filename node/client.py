@@ -6,10 +6,7 @@
         for result in job.results():          # as they arrive
             print(result.index, result.value, result.host)
 
-Calls survive a master restart: on a lost connection the client reconnects (fresh
-manager and proxies) and repeats the call for up to `retry_for` seconds. Submitting is
-safe to repeat: each chunk carries the job's key and its first index, and the master
-adds nothing twice.
+A Client may be shared by threads; its calls survive a master restart (see Client).
 """
 
 from __future__ import annotations
@@ -18,13 +15,12 @@ import pickle
 import time
 import uuid
 from dataclasses import dataclass
-from multiprocessing import AuthenticationError
-from typing import Any
 from collections.abc import Iterator
+from typing import Any
 
-from node import transport
-from node.config import DEFAULT_MAX_PAYLOAD, describe_error, format_address, parse_address, read_authkey
-from node.transport import MasterUnavailable
+from node import wire
+from node.config import DEFAULT_MAX_PAYLOAD, format_address, parse_address, read_authkey
+from node.errors import MasterUnavailable, StorageError
 
 CHUNK_TASKS = 5000
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -58,16 +54,24 @@ class Result:
 
 
 class Client:
+    """Submit jobs and read results; safe to share between threads.
+
+    Every call survives a master restart: on a lost connection (or a master that
+    could not store, say a full disk) it is repeated for up to `retry_for` seconds.
+    Calls are safe to repeat: each chunk of a job carries the job's key and its first
+    index, and the master adds nothing twice."""
+
     def __init__(self, master, authkey: bytes, retry_for: float = 60.0):
         self.address = parse_address(master) if isinstance(master, str) else tuple(master)
-        self.authkey = authkey
+        self.caller = wire.Caller(self.address, authkey)
         self.retry_for = retry_for
-        self._manager = self._fleet = None
 
     @classmethod
     def connect(cls, master: str, authkey_file: str, retry_for: float = 60.0) -> Client:
+        """A client whose master answered: fails now, clearly, if it is unreachable
+        (MasterUnavailable) or the key is wrong (AuthenticationError)."""
         client = cls(master, read_authkey(authkey_file), retry_for)
-        client._ensure()  # fail now, clearly, if the master is unreachable or the key is wrong
+        client.caller.connect()
         return client
 
     def __enter__(self):
@@ -77,31 +81,18 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        transport.discard(self._fleet)
-        self._manager = self._fleet = None
-
-    def _ensure(self):
-        if self._fleet is None:
-            self._manager, self._fleet = transport.connect(self.address, self.authkey)
-        return self._fleet
+        self.caller.close()
 
     def call(self, method: str, *args):
-        """One call on the master's fleet service, reconnecting while the master is away."""
+        """One call on the master, repeated while the master is away."""
         deadline = time.monotonic() + self.retry_for
         delay = 0.2
         while True:
             try:
-                return getattr(self._ensure(), method)(*args)
-            except AuthenticationError:
-                raise
-            except (OSError, EOFError) as exc:
-                self.close()
+                return self.caller.call(method, *args)
+            except (MasterUnavailable, StorageError):
                 if time.monotonic() + delay > deadline:
-                    if isinstance(exc, MasterUnavailable):
-                        raise
-                    raise MasterUnavailable(
-                        f"lost the master at {format_address(self.address)}: {describe_error(exc)}"
-                    ) from None
+                    raise
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
 
@@ -110,13 +101,15 @@ class Client:
     def submit(self, task: str, args_list, *, timeout: float | None = None, retries: int | None = None,
                max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
         """Queue one task per item of `args_list` (each a list or tuple of arguments).
-        Large jobs go in chunks; the master validates every task and refuses the job
-        whole with a clear ValueError (unknown task, bad arguments, payload over its
-        limit): chunks it had accepted are withdrawn."""
-        key = uuid.uuid4().hex
+
+        Large jobs go in chunks; the job exists once its last chunk is acknowledged,
+        with every task (the master checks the count). The master validates every task
+        and refuses the job whole with a clear ValueError (unknown task, bad arguments,
+        payload over its limit). If the upload fails midway the partial job is
+        withdrawn (or expires on the master): it never runs half."""
         items = list(args_list)
-        # Check every task before the first chunk goes: a job refused halfway would leave
-        # its first chunks queued (and the job never finished).
+        # Check every task before the first chunk goes: a job refused halfway would
+        # have to be withdrawn.
         sizes = []
         for index, args in enumerate(items):
             if not isinstance(args, (list, tuple)):
@@ -126,42 +119,78 @@ class Client:
                 raise PayloadTooLarge(
                     f"task {index}: arguments are {sizes[-1]} bytes, over the limit of {max_payload}"
                 )
-        job_id, start = None, 0
-        while start < len(items) or job_id is None:
-            chunk, size = [], 0
-            for offset, args in enumerate(items[start:start + CHUNK_TASKS]):
-                blob = sizes[start + offset]
-                if chunk and size + blob > CHUNK_BYTES:
-                    break
-                chunk.append(args)
-                size += blob
-            final = start + len(chunk) >= len(items)
-            job_id = self.call("submit", key, task, chunk, start, final, timeout, retries)
-            start += len(chunk)
-        return Job(self, job_id, task)
+        key = uuid.uuid4().hex
+        reply = None
+        try:
+            for start, chunk in _chunks(items, sizes):
+                final = start + len(chunk) >= len(items)
+                answer = self.call("submit", key, task, chunk, start, len(items) if final else None, timeout, retries)
+                if reply is not None and answer["instance"] != reply["instance"]:
+                    raise LookupError(f"the master at {format_address(self.address)} was restarted on a new ledger "
+                                      "(a fresh state dir) during the upload: the job is not there; submit it again")
+                reply = answer
+        except BaseException:  # a sealed job is never withdrawn: only a partial upload goes
+            self._withdraw(key)
+            raise
+        return Job(self, reply["job"], task, reply["instance"])
+
+    def _withdraw(self, key: str) -> None:
+        """Best effort: drop a partly uploaded job now rather than when it expires."""
+        try:
+            self.caller.call("withdraw", key)
+        except Exception:  # the master is away: it withdraws the job itself later
+            pass
 
     def job(self, job_id: int) -> Job:
+        """The job `job_id` (LookupError, with the reason, if the master has no such job)."""
         info = self.call("job", int(job_id))
-        if info is None:
-            raise LookupError(f"no job {job_id} on the master at {format_address(self.address)}")
-        return Job(self, info["id"], info["task"])
+        job = Job(self, info["id"], info["task"], info["instance"])
+        job.info = info
+        return job
 
     def status(self) -> dict:
         return self.call("status")
 
 
+def _chunks(items: list, sizes: list):
+    """(first index, items): consecutive chunks of at most CHUNK_TASKS tasks and about
+    CHUNK_BYTES; one empty chunk for an empty job."""
+    start = 0
+    while True:
+        chunk, size = [], 0
+        for offset, args in enumerate(items[start:start + CHUNK_TASKS]):
+            if chunk and size + sizes[start + offset] > CHUNK_BYTES:
+                break
+            chunk.append(args)
+            size += sizes[start + offset]
+        yield start, chunk
+        start += len(chunk)
+        if start >= len(items):
+            return
+
+
 class Job:
-    def __init__(self, client: Client, job_id: int, task: str):
+    """A submitted job on the ledger named `instance`: results are read from that
+    ledger only (a master restarted on a fresh state dir no longer has the job)."""
+
+    def __init__(self, client: Client, job_id: int, task: str, instance: str):
         self.client = client
         self.id = job_id
         self.task = task
+        self.instance = instance
         self.info: dict = {}
+
+    def _same_ledger(self, instance: str) -> None:
+        if instance != self.instance:
+            raise LookupError(f"job {self.id} is gone: the master at {format_address(self.client.address)} "
+                              "was restarted on a new ledger (a fresh state dir)")
 
     def results(self, wait: bool = True, poll: float = 5.0) -> Iterator[Result]:
         """Results in completion order; with `wait`, until every task has one."""
         after = 0
         while True:
             reply = self.client.call("results", self.id, after, RESULTS_PAGE, poll if wait else 0.0)
+            self._same_ledger(reply["instance"])
             self.info = reply["job"]
             rows = reply["rows"]
             for seq, index, ok, value, error, host, attempts, duration in rows:
@@ -178,5 +207,7 @@ class Job:
         return sorted(self.results(), key=lambda r: r.index)
 
     def progress(self) -> dict:
-        self.info = self.client.call("job", self.id)
-        return self.info
+        info = self.client.call("job", self.id)
+        self._same_ledger(info["instance"])
+        self.info = info
+        return info

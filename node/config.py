@@ -1,11 +1,19 @@
-"""Small pieces of configuration shared by every agent: addresses, the authkey, logging."""
+"""Small pieces of configuration shared by every agent: addresses, the authkey, durations,
+sizes, the state directory, logging.
+
+Every parser here raises ConfigError with a one-line message that quotes the bad value and
+says what is expected; the command line adds which flag and environment variable it was.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import sys
+import tempfile
+from fractions import Fraction
 
 DEFAULT_PORT = 5000
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # bytes of one task's pickled arguments (or result)
@@ -62,6 +70,82 @@ def read_authkey(path: str | None) -> bytes:
     if not key:
         raise ConfigError(f"authkey file {path} is empty")
     return key
+
+
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_RULES = "seconds, or a number with s, m, h or d: 10, 1.5, 90s, 5m, 2h, 7d"
+SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9,
+}
+SIZE_RULES = ("bytes, or a number with KiB, MiB, GiB (powers of 1024; K, M, G too, as in systemd) "
+              "or KB, MB, GB (powers of 1000): 1048576, 512KiB, 1MiB, 1MB")
+_NUMBER_AND_UNIT = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*([a-zA-Z]*)\s*")
+
+
+def _number_and_unit(text: str, units: dict) -> Fraction | None:
+    """'1.5MiB' -> 1.5 * units['mib'] exactly; None if the text is not NUMBER[UNIT]."""
+    match = _NUMBER_AND_UNIT.fullmatch(text)
+    if not match or match.group(2).lower() not in units:
+        return None
+    return Fraction(match.group(1)) * units[match.group(2).lower()]
+
+
+def parse_duration(text: str, allow_zero: bool = False) -> float:
+    """A duration in seconds: '10', '1.5', '10s', '5m', '2h', '7d' (units are case-insensitive).
+
+    Above 0, or 0 and above when `allow_zero`; ConfigError otherwise.
+    """
+    value = _number_and_unit(text, DURATION_UNITS)
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = "of 0 or more" if allow_zero else "above 0"
+        raise ConfigError(f"{text!r} is not a duration {bound} ({DURATION_RULES})")
+    return float(value)
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes, above 0: '1048576', '512KiB', '1MiB' (2**20), '1M' (2**20, as
+    systemd reads it), '1MB' (10**6), '1.5MiB'; units are case-insensitive. The result must
+    be whole bytes. ConfigError otherwise."""
+    value = _number_and_unit(text, SIZE_UNITS)
+    if value is None or value <= 0 or value.denominator != 1:
+        raise ConfigError(f"{text!r} is not a size above 0 ({SIZE_RULES})")
+    return int(value)
+
+
+def parse_count(text: str, minimum: int = 1) -> int:
+    """A whole number >= minimum ('4'); ConfigError otherwise."""
+    text = text.strip()
+    if not re.fullmatch(r"[+-]?\d+", text) or int(text) < minimum:
+        raise ConfigError(f"{text!r} is not a whole number of {minimum} or more")
+    return int(text)
+
+
+def parse_choice(text: str, choices: tuple[str, ...]) -> str:
+    """One of `choices`, compared case-insensitively; returned as spelled in `choices`."""
+    for choice in choices:
+        if text.strip().lower() == choice.lower():
+            return choice
+    raise ConfigError(f"{text!r} is not one of {', '.join(choices)}")
+
+
+def check_state_dir(path: str) -> None:
+    """Make sure `path` is a directory this process can create files in (made if missing).
+
+    ConfigError "state dir X is not a directory" or "cannot use state dir X: REASON".
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"state dir {path} is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot use state dir {path}: {exc.strerror or exc}") from None
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def setup_logging(level: str = "INFO") -> None:

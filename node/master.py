@@ -1,14 +1,16 @@
-"""The master: serves the fleet service (and the classic queue pair) over BaseManager.
+"""The master: wires the server, the store and the scheduler, and defines the calls.
 
-The fleet service is what workers and clients call through their proxies. Each
-connection has its own server thread; all state goes through the Ledger's lock.
+`Master` is the service workers and clients call (through server.Server). Workers:
+hello, heartbeat, lease, complete, release, goodbye, each for themselves. Clients:
+submit, withdraw, job, results, status. Every argument from the wire is checked here
+before it reaches the scheduler; a malformed one is refused with a plain error and
+changes nothing.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import pickle
 import queue
@@ -16,118 +18,147 @@ import signal
 import threading
 import time
 
-from node import __version__, systemd, transport
+from node import PROTOCOL, __version__, systemd
 from node.config import DEFAULT_MAX_PAYLOAD, format_address
-from node.ledger import Ledger
+from node.scheduler import Scheduler
+from node.server import Server, Service
+from node.errors import Incompatible, RejectedJob, StorageError
+from node.store import Store
 from node.tasks import Registry, UnknownTask
 
 log = logging.getLogger("taskfleet.master")
 
 DEFAULT_TIMEOUT = 300.0  # seconds one task may run
 DEFAULT_RETRIES = 2  # attempts after the first
+DEFAULT_RETENTION = 7 * 86400.0  # seconds a finished job is kept
+DEFAULT_MAX_JOBS = 10000  # finished jobs kept at most
 MAX_WAIT = 30.0  # longest a long-poll call may block in the server
+UNSEALED_TTL = 600.0  # seconds an unfinished upload may pause before its job is withdrawn
 THROUGHPUT_WINDOW = 10.0  # seconds: status shows the current rate
 STATUS_LOST_FOR = 3600.0  # seconds a lost worker still shows in status
+CLASSIC_QUEUE_SIZE = 100_000  # items in each of the tutorial's queues at most
+HOUSEKEEPING_EVERY = 30.0  # seconds between retention and expiry passes
+
+WORKER_CALLS = ("hello", "heartbeat", "goodbye", "lease", "complete", "release")
+CLIENT_CALLS = ("submit", "withdraw", "job", "results", "status")
+CLASSIC_METHODS = frozenset({"put", "get", "put_nowait", "get_nowait", "qsize", "empty", "full",
+                             "task_done", "join"})
 
 
-class RejectedJob(ValueError):
-    """A submission the master refuses; the message says why and nothing was queued."""
-
-
-class FleetService:
-    def __init__(self, ledger: Ledger, registry: Registry, *, worker_ttl: float = 10.0,
-                 max_payload: int = DEFAULT_MAX_PAYLOAD, address: str = ""):
-        self.ledger = ledger
+class Master:
+    def __init__(self, store: Store, scheduler: Scheduler, registry: Registry, *,
+                 max_payload: int = DEFAULT_MAX_PAYLOAD, address: str = "", retention: float = DEFAULT_RETENTION,
+                 max_jobs: int = DEFAULT_MAX_JOBS):
+        self.store = store
+        self.scheduler = scheduler
         self.registry = registry
-        self.worker_ttl = worker_ttl
         self.max_payload = max_payload
         self.address = address
+        self.retention = retention
+        self.max_jobs = max_jobs
         self.started = time.time()
-        self.seen: dict[str, float] = {}  # worker id -> monotonic time last heard from
-        # Workers alive when the master last stopped: until they are back (or a TTL has
-        # passed) nothing is leased, so tasks they still run are not handed out twice.
-        self.expected = {w["id"] for w in ledger.workers("alive")}
-        self.reclaim_until = time.monotonic() + worker_ttl
-        self.changed = threading.Condition()  # new tasks or new results
+        self.stopping = False
+        self.server: Server | None = None  # set by run_master: status shows refused peers
         self.completions: collections.deque = collections.deque()  # (monotonic, count)
-
-    def _notify(self) -> None:
-        with self.changed:
-            self.changed.notify_all()
+        self.housekept = 0.0
 
     # -- workers ---------------------------------------------------------------------
 
-    def hello(self, worker: str, host: str, pid: int, concurrency: int, held=(), instance=None) -> dict:
-        """A worker (re)joins. `held`: task ids it still holds from before a reconnect,
-        leased from the ledger named `instance` (ids from another ledger are not claimed)."""
-        self.ledger.upsert_worker(worker, host, pid, concurrency, time.time())
-        self.seen[worker] = time.monotonic()
-        self.expected.discard(worker)
-        claimed = self.ledger.claim(worker, list(held)) if instance == self.ledger.instance else 0
+    def hello(self, worker: str, host: str, pid: int, concurrency: int, held=(), instance=None,
+              protocol: int = 1) -> dict:
+        """A worker (re)joins. `held`: task ids it still holds, leased from the ledger
+        named `instance` (ids from another ledger are not claimed)."""
+        if protocol != PROTOCOL:
+            log.warning("refused worker %s on %s: it speaks protocol %s, this master %s", worker, host, protocol,
+                        PROTOCOL)
+            raise Incompatible(f"this master (taskfleet {__version__}) speaks protocol {PROTOCOL}, the worker "
+                               f"{protocol}: run the same taskfleet release on both")
+        _check(isinstance(worker, str) and isinstance(host, str), "worker and host must be strings")
+        held = [t for t in held if isinstance(t, int)] if instance == self.store.instance else []
+        claimed = self.scheduler.join(worker, host, int(pid), int(concurrency), held)
         log.info("worker %s joined from %s (pid %s, concurrency %s%s)", worker, host, pid, concurrency,
                  f", still holding {claimed} task(s)" if held else "")
-        return {"worker_ttl": self.worker_ttl, "max_payload": self.max_payload, "version": __version__,
-                "instance": self.ledger.instance}
+        return {"worker_ttl": self.scheduler.worker_ttl, "max_payload": self.max_payload, "version": __version__,
+                "instance": self.store.instance, "protocol": PROTOCOL}
 
     def heartbeat(self, worker: str) -> bool:
         """False: the master does not know this worker (it restarted): say hello again."""
-        if worker not in self.seen:
-            return False
-        self.seen[worker] = time.monotonic()
-        return True
+        return self.scheduler.touch(worker)
 
     def goodbye(self, worker: str) -> None:
-        self.seen.pop(worker, None)
-        self.ledger.lose_worker(worker, time.time())  # a clean worker holds nothing by now
-        self.ledger.set_worker_state(worker, "left", time.time())
+        self.scheduler.leave(worker)
         log.info("worker %s left", worker)
 
-    def lease(self, worker: str, limit: int, wait: float = 0.0) -> list[tuple]:
+    def lease(self, worker: str, limit: int, wait: float = 0.0) -> list:
         """Up to `limit` tasks, at most a fair share of the queue; may wait for work."""
-        if worker not in self.seen:
-            return []
-        self.seen[worker] = time.monotonic()
-        if self.expected and time.monotonic() < self.reclaim_until:
-            return []  # just restarted: workers that held tasks get to re-claim them first
-        if wait > 0 and self.ledger.queued <= 0:
-            with self.changed:
-                self.changed.wait_for(lambda: self.ledger.queued > 0, timeout=min(wait, MAX_WAIT))
-        share = math.ceil(self.ledger.queued / max(1, len(self.seen)))
-        return self.ledger.lease(worker, max(1, min(limit, share)))
+        if not self.scheduler.touch(worker) or self.scheduler.reclaiming():
+            return []  # unknown (say hello), or just restarted: holders re-claim first
+        if wait > 0 and not self.stopping:
+            self.scheduler.wait_for_work(min(float(wait), MAX_WAIT))
+        return self.scheduler.lease(worker, self.scheduler.fair_share(int(limit)))
 
-    def complete(self, worker: str, host: str, outcomes: list[tuple]) -> int:
-        """Outcomes: (task_id, ok, value_blob, error, duration). Returns results stored."""
-        stored = self.ledger.record(worker, host, outcomes, time.time())
-        if worker in self.seen:
-            self.seen[worker] = time.monotonic()
+    def complete(self, worker: str, host: str, outcomes: list, instance=None):
+        """Outcomes: (task_id, ok, value_blob, error, duration). Returns results stored,
+        or None if they come from another ledger's tasks (say hello again)."""
+        if instance is not None and instance != self.store.instance:
+            return None
+        self.scheduler.touch(worker)
+        stored = self.scheduler.complete(worker, host, [self._outcome(worker, o) for o in _as_list(outcomes)])
         if stored:
             self.completions.append((time.monotonic(), stored))
-        self._notify()
         return stored
 
-    def release(self, worker: str, task_ids: list[int]) -> int:
-        released = self.ledger.release(worker, list(task_ids))
-        self._notify()
-        return released
+    def _outcome(self, worker: str, outcome) -> tuple:
+        """A well-formed outcome; a malformed one becomes a failed attempt that says why."""
+        task_id = outcome[0] if isinstance(outcome, (tuple, list)) and outcome else None
+        if not isinstance(task_id, int):
+            return (-1, False, None, "malformed outcome", None)  # names no task: ignored
+        problem = None
+        if len(outcome) != 5:
+            problem = f"{len(outcome)} fields instead of 5"
+        else:
+            _, ok, value, error, duration = outcome
+            if ok and not isinstance(value, bytes):
+                problem = f"a result of type {type(value).__name__} instead of a pickle"
+            elif ok and len(value) > self.max_payload:
+                problem = f"result is {len(value)} bytes, over the master's limit of {self.max_payload}"
+            elif not ok and not isinstance(error, (str, type(None))):
+                problem = "an error that is not text"
+            elif duration is not None and not isinstance(duration, (int, float)):
+                problem = "a duration that is not a number"
+            else:
+                return (task_id, bool(ok), value if ok else None, error if not ok else None, duration)
+        log.warning("worker %s sent a malformed outcome for task %s: %s", worker, task_id, problem)
+        return (task_id, False, None, f"malformed outcome from worker {worker}: {problem}", None)
+
+    def release(self, worker: str, task_ids, instance=None) -> int:
+        if instance is not None and instance != self.store.instance:
+            return 0
+        return self.scheduler.release(worker, [t for t in _as_list(task_ids) if isinstance(t, int)])
 
     # -- clients ---------------------------------------------------------------------
 
-    def submit(self, key: str, task: str, args_list: list, first_index: int = 0, final: bool = True,
-               timeout: float | None = None, retries: int | None = None) -> int:
-        """Queue one chunk of a job (see Client.submit). Returns the job id."""
+    def submit(self, key: str, task: str, args_list, first_index: int = 0, seal_total: int | None = None,
+               timeout: float | None = None, retries: int | None = None) -> dict:
+        """Store one chunk of a job (see Client.submit); with `seal_total` the job is
+        complete and holds exactly that many tasks. Returns {"job": id, "instance":
+        the ledger's}: a client sees if the master came back on a fresh ledger mid-upload."""
+        _check(isinstance(key, str) and key, "a job needs a key")
         try:
             self.registry.get(task)
         except UnknownTask as exc:
             raise RejectedJob(str(exc)) from None
         if not isinstance(args_list, (list, tuple)):
             raise RejectedJob(f"a job's arguments must be a list of argument lists, got {type(args_list).__name__}")
+        _check(isinstance(first_index, int) and first_index >= 0, "first_index must be an integer >= 0")
+        _check(seal_total is None or (isinstance(seal_total, int) and seal_total >= 0),
+               "seal_total must be an integer >= 0")
         timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
         retries = DEFAULT_RETRIES if retries is None else int(retries)
         if not timeout > 0 or retries < 0:
             raise RejectedJob("timeout must be > 0 seconds and retries >= 0")
         blobs = []
         for offset, args in enumerate(args_list):
-            where = f"task {first_index + offset}"
             try:
                 self.registry.check_arguments(task, args)
                 blob = pickle.dumps(tuple(args))
@@ -135,44 +166,63 @@ class FleetService:
                     raise TypeError(f"arguments are {len(blob)} bytes, over the master's limit of {self.max_payload}")
             except TypeError as exc:
                 # A job is accepted whole or not at all: drop the chunks that came before.
-                dropped = self.ledger.abort(key)
-                raise RejectedJob(f"{where}: {exc}" + (f" (the job's first {dropped} task(s) were withdrawn)"
-                                                       if dropped else "")) from None
+                job_id = self.store.job_id(key)
+                dropped = self.scheduler.withdraw(job_id) if job_id else 0
+                raise RejectedJob(f"task {first_index + offset}: {exc}"
+                                  + (f" (the job's first {dropped} task(s) were withdrawn)" if dropped else "")) from None
             blobs.append(blob)
-        job_id = self.ledger.add_tasks(key, task, timeout, retries + 1, first_index, blobs, final)
-        self._notify()
-        return job_id
+        job_id = self.scheduler.submit(key, task, timeout, retries + 1, first_index, blobs, seal_total)
+        if seal_total is not None:
+            log.info("job %s accepted: %d %s task(s)", job_id, seal_total, task)
+        return {"job": job_id, "instance": self.store.instance}
 
-    def job(self, job_id: int) -> dict | None:
-        return self.ledger.job(job_id)
+    def withdraw(self, key: str) -> int:
+        """Withdraw the unsealed job named by `key` (its client gave up). Returns its task count."""
+        job_id = self.store.job_id(key)
+        return self.scheduler.withdraw(job_id) if job_id else 0
+
+    def job(self, job_id: int) -> dict:
+        job = self.store.job(int(job_id))
+        if job is None:
+            raise LookupError(self._missing(int(job_id)))
+        job["instance"] = self.store.instance
+        return job
+
+    def _missing(self, job_id: int) -> str:
+        if 0 < job_id <= self.store.highest_job():
+            return (f"job {job_id} is no longer on this master: finished jobs are kept for "
+                    f"{self.retention / 86400:g} day(s) and {self.max_jobs} at most (--retention, --max-jobs), "
+                    f"and a job whose upload was abandoned or refused is withdrawn")
+        return f"no job {job_id} on this master"
 
     def results(self, job_id: int, after: int = 0, limit: int = 1000, wait: float = 0.0) -> dict:
-        """New results of a job after sequence number `after`, and the job's counts.
-        With `wait`, blocks up to that long for at least one new result."""
-        job = self.ledger.job(job_id)
-        if job is None:
-            raise LookupError(f"no job {job_id} on this master")
-        rows = self.ledger.results(job_id, after, limit)
-        deadline = time.monotonic() + min(wait, MAX_WAIT)
-        while not rows and not job["finished"] and time.monotonic() < deadline:
-            with self.changed:
-                self.changed.wait(timeout=max(0.0, deadline - time.monotonic()))
-            rows = self.ledger.results(job_id, after, limit)
-            job = self.ledger.job(job_id)
-        return {"rows": rows, "job": job}
+        """Results of a job after sequence number `after` (a page bounded in count and
+        bytes), the job's counts and the ledger's instance. With `wait`, blocks up to
+        that long for at least one new result."""
+        job = self.job(job_id)
+        rows = self.store.results(job["id"], int(after), max(1, min(int(limit), 10000)))
+        deadline = time.monotonic() + min(float(wait), MAX_WAIT)
+        changed = self.scheduler.changed
+        while not rows and not job["finished"] and not self.stopping and time.monotonic() < deadline:
+            with changed:
+                changed.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            rows = self.store.results(job["id"], int(after), max(1, min(int(limit), 10000)))
+            job = self.job(job_id)
+        return {"rows": rows, "job": job, "instance": self.store.instance}
 
     def status(self) -> dict:
         now, mono = time.time(), time.monotonic()
-        rows = self.ledger.workers()
+        rows = self.store.workers()
+        seen = dict(self.scheduler.seen)
         newest_alive = {}  # host -> start time of its newest live worker
         for w in rows:
-            w["alive"] = w["id"] in self.seen
+            w["alive"] = w["id"] in seen
             if w["alive"]:
                 newest_alive[w["host"]] = max(newest_alive.get(w["host"], 0.0), w["started"] or 0.0)
-                w["last_seen_ago"] = round(mono - self.seen.get(w["id"], mono), 1)
+                w["last_seen_ago"] = round(mono - seen[w["id"]], 1)
             else:
                 w["last_seen_ago"] = round(now - w["last_seen"], 1) if w["last_seen"] else None
-        # History is not fleet: workers that left cleanly, were lost long ago, or were
+        # History is not the fleet: workers that left, were lost long ago, or were
         # replaced by a newer worker on the same host are left out.
         workers = [
             w for w in rows
@@ -180,45 +230,75 @@ class FleetService:
                               and (w["started"] or 0) > newest_alive.get(w["host"], 0.0))
         ]
         window = min(THROUGHPUT_WINDOW, max(1.0, now - self.started))
-        recent = sum(n for t, n in self.completions if t >= mono - window)
+        recent = sum(n for t, n in list(self.completions) if t >= mono - window)
         return {
             "master": {"address": self.address, "version": __version__, "pid": os.getpid(),
-                       "uptime": round(now - self.started, 1), "state": str(self.ledger.path)},
-            "tasks": self.ledger.counts(),
+                       "uptime": round(now - self.started, 1), "state": str(self.store.path),
+                       "durability": self.store.durability, "instance": self.store.instance},
+            "tasks": self.scheduler.counts(),
             "throughput": round(recent / window, 1),
             "workers": workers,
+            "rejected": self.server.rejected_peers() if self.server else [],
         }
 
     # -- upkeep ----------------------------------------------------------------------
 
-    def reap(self) -> None:
-        """Forget silent workers; what they held is pending again (an attempt counted)."""
+    def upkeep(self) -> None:
+        """Once a second: lose silent workers; every HOUSEKEEPING_EVERY s: withdraw
+        abandoned uploads, prune finished jobs past retention, forget old workers.
+        A storage failure is logged and tried again next time."""
+        for worker, silent in self.scheduler.silent():
+            try:
+                held = self.scheduler.lose(worker)
+            except StorageError as exc:
+                log.error("cannot record that worker %s was lost: %s", worker, exc)
+                continue
+            log.warning("worker %s lost: silent for %.0f s; %d task(s) it held are pending again",
+                        worker, silent, held)
+        self.scheduler.end_reclaim()
         mono = time.monotonic()
-        for worker, seen in list(self.seen.items()):
-            if mono - seen > self.worker_ttl:
-                self.seen.pop(worker, None)
-                held = self.ledger.lose_worker(worker, time.time())
-                self.ledger.set_worker_state(worker, "lost", time.time())
-                log.warning("worker %s lost: silent for %.0f s; %d task(s) it held are pending again",
-                            worker, mono - seen, held)
-                self._notify()
-        if self.expected and mono >= self.reclaim_until:
-            for worker in self.expected:
-                self.ledger.set_worker_state(worker, "lost", time.time())
-            self.expected.clear()
         while self.completions and self.completions[0][0] < mono - THROUGHPUT_WINDOW:
             self.completions.popleft()
+        if mono - self.housekept < HOUSEKEEPING_EVERY:
+            return
+        self.housekept = mono
+        try:
+            for job_id in self.scheduler.expire_unsealed(UNSEALED_TTL):
+                log.warning("job %s withdrawn: its upload stopped over %.0f s ago and was never completed", job_id,
+                            UNSEALED_TTL)
+            pruned = self.store.prune(time.time() - self.retention, self.max_jobs)
+            if pruned:
+                log.info("pruned %d finished job(s) past retention", len(pruned))
+            self.store.forget_workers(time.time() - STATUS_LOST_FOR)
+        except StorageError as exc:
+            log.error("housekeeping postponed: %s", exc)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _as_list(value) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a list, got {type(value).__name__}")
+    return list(value)
 
 
 def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_modules=(),
-               worker_ttl: float = 10.0, max_payload: int = DEFAULT_MAX_PAYLOAD) -> int:
+               worker_ttl: float = 10.0, max_payload: int = DEFAULT_MAX_PAYLOAD, durability: str = "full",
+               retention: float = DEFAULT_RETENTION, max_jobs: int = DEFAULT_MAX_JOBS) -> int:
     registry = Registry(tasks_modules)
-    ledger = Ledger(state_dir)
-    service = FleetService(ledger, registry, worker_ttl=worker_ttl, max_payload=max_payload,
-                           address=format_address(listen))
-    classic = {"get_task_queue": queue.Queue(), "get_result_queue": queue.Queue()}
-    server = transport.serve(listen, authkey, {"get_fleet": service, **classic})
-    stop = server.stop_event
+    store = Store(state_dir, durability)
+    scheduler = Scheduler(store, worker_ttl)
+    master = Master(store, scheduler, registry, max_payload=max_payload, address=format_address(listen),
+                    retention=retention, max_jobs=max_jobs)
+    classic = [Service(name, queue.Queue(CLASSIC_QUEUE_SIZE), CLASSIC_METHODS, typeid=f"get_{name}", drain=False)
+               for name in ("task_queue", "result_queue")]
+    server = Server(listen, authkey, [Service("fleet", master, frozenset(WORKER_CALLS + CLIENT_CALLS), "get_fleet"),
+                                      *classic])
+    master.server = server
+    stop = threading.Event()
 
     def on_signal(signum, _frame):
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -226,20 +306,22 @@ def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_mo
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    threading.Thread(target=server.accepter, name="accepter", daemon=True).start()
-    log.info(
-        "taskfleet master %s listening on %s, state in %s, %d task(s) queued, tasks: %s",
-        __version__, format_address(server.address), ledger.path, ledger.queued, ", ".join(registry.names()),
-    )
+    server.start()
+    log.info("taskfleet master %s listening on %s, state in %s (durability %s), %d task(s) queued, tasks: %s",
+             __version__, format_address(server.address), store.path, durability, scheduler.queued,
+             ", ".join(registry.names()))
     systemd.notify("READY=1", f"STATUS=serving on {format_address(server.address)}")
     while not stop.wait(1.0):
         try:
-            service.reap()
+            master.upkeep()
         except Exception:
             log.exception("upkeep failed")
-        systemd.notify("WATCHDOG=1")
+        if server.thread.is_alive():
+            systemd.notify("WATCHDOG=1")
     systemd.notify("STOPPING=1")
-    server.listener.close()
-    ledger.close()
-    log.info("stopped; state kept in %s", ledger.path)
+    master.stopping = True
+    scheduler.halt()  # long polls return now
+    server.stop()
+    store.close()
+    log.info("stopped; state kept in %s", store.path)
     return 0

@@ -2,7 +2,8 @@
 
 A task is a plain module-level function; its name is the function's name. A user module
 (`--tasks-module mypkg.jobs`, or a path to a .py file) exposes its tasks either as a dict `TASKS = {name: function}`
-or, without it, every public function defined in the module.
+or, without it, every public function defined in the module. A module that cannot be
+loaded is a ConfigError (exit 2: the operator must fix it, restarting cannot).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import importlib.util
 import inspect
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
+
+from node.config import ConfigError
 
 
 def square(n):
@@ -47,35 +51,60 @@ class UnknownTask(LookupError):
     pass
 
 
+def _import(module_name: str) -> ModuleType:
+    """Import a module by name, or run a .py file as a module; ConfigError if that fails."""
+    try:
+        if not module_name.endswith(".py"):
+            return importlib.import_module(module_name)
+        if not Path(module_name).is_file():
+            raise FileNotFoundError("no such file")
+        spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except (Exception, SystemExit) as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        reason = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+        raise ConfigError(f"cannot load tasks module {module_name}: {reason}") from None
+
+
+def _tasks_of(module: ModuleType, module_name: str) -> dict:
+    """The module's TASKS dict, or else its public functions defined in it."""
+    found = getattr(module, "TASKS", None)
+    if found is None:
+        return {
+            name: obj
+            for name, obj in vars(module).items()
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_")
+        }
+    if not isinstance(found, dict) or not all(isinstance(k, str) and callable(v) for k, v in found.items()):
+        raise ConfigError(f"cannot load tasks module {module_name}: TASKS must be a dict of name: function")
+    return found
+
+
 class Registry:
-    """Names -> functions. Built-ins first; a user module may not silently replace one."""
+    """Names -> functions. Built-ins first; a user module may not silently replace one.
+
+    A module that cannot be loaded (missing, failing to import, a bad TASKS, a name clash)
+    raises ConfigError naming it. A registry pickles as its module list and is rebuilt,
+    modules loaded again, where it is unpickled (a pool child under the spawn method).
+    """
 
     def __init__(self, modules: tuple[str, ...] | list[str] = ()):
         self.functions: dict[str, Callable] = dict(BUILTIN)
         self.modules = tuple(modules)
         self._arities: dict[str, tuple] = {}  # checked on every submitted task: computed once
         for module_name in self.modules:
-            self._load(module_name)
+            self._add(module_name, _tasks_of(_import(module_name), module_name))
 
-    def _load(self, module_name: str) -> None:
-        if module_name.endswith(".py"):  # a file path rather than an importable name
-            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if spec is None or not Path(module_name).is_file():
-                raise ImportError(f"no tasks file {module_name}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        found = getattr(module, "TASKS", None)
-        if found is None:
-            found = {
-                name: obj
-                for name, obj in vars(module).items()
-                if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_")
-            }
+    def __reduce__(self):
+        return (Registry, (self.modules,))
+
+    def _add(self, module_name: str, found: dict) -> None:
         for name, function in found.items():
             if name in self.functions and self.functions[name] is not function:
-                raise ValueError(f"task {name!r} from {module_name} clashes with one already registered")
+                raise ConfigError(f"cannot load tasks module {module_name}: "
+                                  f"task {name!r} clashes with one already registered")
             self.functions[name] = function
 
     def get(self, name: str) -> Callable:

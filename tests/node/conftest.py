@@ -103,23 +103,24 @@ class Fleet:
     def master_address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, argv: list, env: dict | None = None, python: str = PYTHON) -> Proc:
+    def _spawn(self, name: str, argv: list, env: dict | None = None, python: str = PYTHON, preexec=None) -> Proc:
         self.counter += 1
         log = self.tmp / f"{self.counter:02d}-{name}.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen([python, *argv], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=str(ROOT), env=env or base_env(), start_new_session=True)
+                                     cwd=str(ROOT), env=env or base_env(), start_new_session=True,
+                                     preexec_fn=preexec)
         proc = Proc(popen, log, name)
         self.procs.append(proc)
         return proc
 
     def start_master(self, *extra, port: int | None = None, state_dir: Path | None = None, wait: bool = True,
-                     entry: list | None = None, python: str = PYTHON, ttl: float = 3.0) -> Proc:
+                     entry: list | None = None, python: str = PYTHON, ttl: float = 3.0, preexec=None) -> Proc:
         self.port = port or self.port or free_port()
         state = state_dir or self.state_dir
         argv = [*(entry or ["-m", "node"]), "master", "--listen", self.master_address, "--state-dir", str(state),
                 "--authkey-file", str(self.key), "--worker-ttl", str(ttl), *extra]
-        proc = self._spawn("master", argv, python=python)
+        proc = self._spawn("master", argv, python=python, preexec=preexec)
         if wait:
             self.wait_serving(proc)
         return proc

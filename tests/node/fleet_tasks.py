@@ -28,3 +28,13 @@ def nap(seconds, marker_dir):
     tempfile.NamedTemporaryFile(dir=marker_dir, delete=False).close()
     time.sleep(seconds)
     return seconds
+
+
+def tally(path, value, then_sleep=0):
+    """Append `value` to a file (a test counts how often each task ran), then sleep."""
+    import time
+
+    with open(path, "a") as handle:
+        handle.write(f"{value}\n")
+    time.sleep(then_sleep)
+    return value

@@ -131,6 +131,48 @@ def test_missing_configuration_exits_2(fleet, tmp_path):
     assert out.returncode == 2 and "no state directory" in out.stderr
 
 
+CONFIG_ERRORS = [  # (argv, environment, what the one line says); {tmp} is the test's tmp dir
+    (["master"], {"TASKFLEET_WORKER_TTL": "10x"}, "--worker-ttl (env TASKFLEET_WORKER_TTL): '10x' is not a duration"),
+    (["master", "--worker-ttl", "0"], {}, "--worker-ttl (env TASKFLEET_WORKER_TTL): '0' is not a duration above 0"),
+    (["master"], {"TASKFLEET_MAX_PAYLOAD": "1TB"}, "--max-payload (env TASKFLEET_MAX_PAYLOAD): '1TB' is not a size"),
+    (["master", "--max-payload", "0"], {}, "'0' is not a size above 0"),
+    (["master"], {"TASKFLEET_DURABILITY": "safe"}, "--durability (env TASKFLEET_DURABILITY): 'safe' is not one of"),
+    (["master"], {"TASKFLEET_RETENTION": "forever"}, "--retention (env TASKFLEET_RETENTION): 'forever'"),
+    (["master"], {"TASKFLEET_MAX_JOBS": "lots"}, "--max-jobs (env TASKFLEET_MAX_JOBS): 'lots'"),
+    (["master", "--state-dir", "{tmp}/a-file"], {}, "state dir {tmp}/a-file is not a directory"),
+    (["master", "--state-dir", "{tmp}/a-file/sub"], {}, "cannot use state dir {tmp}/a-file/sub: Not a directory"),
+    (["master", "--tasks-module", "{tmp}/absent.py"], {}, "cannot load tasks module {tmp}/absent.py: FileNotFound"),
+    (["master"], {"TASKFLEET_TASKS_MODULES": "{tmp}/broken.py"},
+     "cannot load tasks module {tmp}/broken.py: SyntaxError"),
+    (["worker"], {"TASKFLEET_CONCURRENCY": "many"}, "--concurrency (env TASKFLEET_CONCURRENCY): 'many' is not"),
+    (["worker", "--concurrency", "-1"], {}, "'-1' is not a whole number of 0 or more"),
+    (["worker"], {"TASKFLEET_DRAIN_TIMEOUT": "-5"}, "--drain-timeout (env TASKFLEET_DRAIN_TIMEOUT): '-5'"),
+    (["worker", "--tasks-module", "no_such_module_here"], {},
+     "cannot load tasks module no_such_module_here: ModuleNotFoundError: No module named 'no_such_module_here'"),
+    (["worker", "--tasks-module", "{tmp}/broken.py"], {}, "cannot load tasks module {tmp}/broken.py: SyntaxError"),
+    (["worker", "--bogus"], {}, "unrecognized arguments: --bogus"),
+    ([], {"TASKFLEET_LOG_LEVEL": "loud"}, "--log-level (env TASKFLEET_LOG_LEVEL): 'loud' is not one of"),
+]
+
+
+@pytest.mark.parametrize("argv, env, message", CONFIG_ERRORS)
+def test_configuration_errors_exit_2_with_one_line(fleet, tmp_path, argv, env, message):
+    """What systemd must not restart: exit 2, one line naming the problem, no traceback."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    where = {"master": ["--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state")],
+             "worker": ["--master", "127.0.0.1:1"]}
+    command = argv[0] if argv else "status"
+    full = [command, "--authkey-file", str(fleet.key), *where.get(command, []), *argv[1:]]
+    if command == "status":
+        full += ["--master", "127.0.0.1:1"]
+    out = fleet.cli(*(a.format(tmp=tmp_path) for a in full), with_master=False, timeout=30,
+                    env=base_env(**{k: v.format(tmp=tmp_path) for k, v in env.items()}))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("taskfleet: error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert message.format(tmp=tmp_path) in out.stderr
+
+
 def test_unreachable_master_exits_3(fleet):
     port = free_port()  # nothing listens there
     out = fleet.cli("status", "--master", f"127.0.0.1:{port}", "--authkey-file", str(fleet.key),

@@ -5,16 +5,18 @@ import logging
 import os
 import pickle
 import random
+import resource
+import select
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
-from node import transport
-from node.ledger import Ledger
-from node.master import FleetService
-from node.tasks import Registry
+from node import server as server_module
+from node import wire
+from node.errors import MasterUnavailable
 
 from conftest import wait_for, write_key
 
@@ -105,33 +107,33 @@ def test_half_open_connections_do_not_block_other_clients(fleet):
             sock.close()
 
 
+class _Echo:
+    def ping(self, value):
+        return value
+
+
 @pytest.fixture
-def in_process_master(tmp_path, monkeypatch):
-    """A master served from this process, to patch its handshake deadline."""
-    monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT", 0.5)
+def in_process_server(monkeypatch):
+    """A Server in this process (an echo service), with a short handshake deadline."""
+    monkeypatch.setattr(wire, "HANDSHAKE_TIMEOUT", 0.5)
     key = b"in-process-key"
-    ledger = Ledger(tmp_path / "state")
-    service = FleetService(ledger, Registry(), worker_ttl=5)
-    server = transport.serve(("127.0.0.1", 0), key, {"get_fleet": service})
-    thread = threading.Thread(target=server.accepter, daemon=True)
-    thread.start()
-    try:
-        yield server, key
-    finally:
-        server.stop_event.set()
-        sock = server.listener._listener._socket
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() the accepter sits in
-        except OSError:
-            pass
-        server.listener.close()
-        thread.join(5)
-        ledger.close()
+    servers = []
+
+    def start(**limits):
+        server = server_module.Server(("127.0.0.1", 0), key, [server_module.Service("echo", _Echo(),
+                                                                                    frozenset({"ping"}))], **limits)
+        server.start()
+        servers.append(server)
+        return server, wire.Caller(server.address, key, ident="echo")
+
+    yield start
+    for server in servers:
+        server.stop(grace=1)
 
 
-def test_handshake_deadline_drops_a_silent_peer(in_process_master, caplog):
-    server, key = in_process_master
-    caplog.set_level(logging.INFO, logger="taskfleet.transport")
+def test_handshake_deadline_drops_a_silent_peer(in_process_server, caplog):
+    server, caller = in_process_server()
+    caplog.set_level(logging.INFO, logger="taskfleet.server")
     with socket.create_connection(server.address) as silent:
         silent.settimeout(10)
         challenge = silent.recv(4096)
@@ -139,11 +141,172 @@ def test_handshake_deadline_drops_a_silent_peer(in_process_master, caplog):
         assert silent.recv(4096) == b""  # closed by the master after HANDSHAKE_TIMEOUT
     wait_for(lambda: "no valid handshake" in caplog.text, 5, "the rejection to be logged")
     assert "rejected 127.0.0.1:" in caplog.text
-    manager, fleet = transport.connect(server.address, key)
+    assert caller.call("ping", 7) == 7
+
+
+def test_the_handshake_deadline_is_total_not_per_read(in_process_server):
+    """A peer that trickles a byte every 0.2 s never lets a read time out; the total
+    deadline (0.5 s here) still closes it."""
+    server, _ = in_process_server()
+    with socket.create_connection(server.address) as trickler:
+        trickler.settimeout(10)
+        trickler.recv(4096)  # the challenge
+        started = time.monotonic()
+        answer = struct.pack("!i", 40)
+        closed = False
+        for byte in answer + b"x" * 40:
+            try:
+                trickler.send(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            ready = select.select([trickler], [], [], 0.2)[0]
+            if ready and trickler.recv(4096) == b"":
+                closed = True
+                break
+        assert closed, "a trickling peer kept its handshake open past the deadline"
+        assert time.monotonic() - started < 5
+
+
+def test_oldest_handshakes_give_way_to_new_peers(in_process_server):
+    """With every handshake slot held by silent peers, a real client still gets in:
+    the oldest unauthenticated connection is cut."""
+    server, caller = in_process_server(max_unauthenticated=4)
+    silent = [socket.create_connection(server.address) for _ in range(4)]
     try:
-        assert fleet.status()["tasks"]["jobs"] == 0
+        wait_for(lambda: len(server.handshaking) == 4, 5, "four peers in their handshake")
+        assert caller.call("ping", "in") == "in"
+        assert silent[0].recv(4096, socket.MSG_PEEK) and wait_for(lambda: _closed(silent[0]), 5, "the oldest cut")
     finally:
-        transport.discard(fleet)
+        for sock in silent:
+            sock.close()
+
+
+def _closed(sock) -> bool:
+    sock.settimeout(0.2)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def test_connections_over_the_cap_are_refused_and_the_master_keeps_serving(in_process_server):
+    server, caller = in_process_server(max_connections=8, max_unauthenticated=8)
+    callers = [wire.Caller(server.address, b"in-process-key", ident="echo") for _ in range(8)]
+    for c in callers:
+        c.connect()  # 8 authenticated connections: the cap
+    try:
+        with pytest.raises(MasterUnavailable):
+            caller.call("ping", 1)
+        assert "too many connections" in [r["reason"] for r in server.rejected_peers()]
+        callers[0].close()
+        assert wait_for(lambda: _try_ping(caller), 5, "a freed slot to be usable") == 1
+    finally:
+        for c in callers:
+            c.close()
+
+
+def _try_ping(caller):
+    try:
+        return caller.call("ping", 1)
+    except MasterUnavailable:
+        return None
+
+
+def test_200_hostile_peers_do_not_starve_workers_and_clients(fleet):
+    """Silent, trickling and garbage-sending peers, 200 at once, for longer than the
+    handshake deadline: a worker joins and runs a job, clients are served."""
+    master = fleet.start_master()
+    stop = threading.Event()
+    opened = []
+
+    def hostile(kind: int):
+        while not stop.is_set():
+            try:
+                sock = socket.create_connection(("127.0.0.1", fleet.port), timeout=5)
+            except OSError:
+                stop.wait(0.1)
+                continue
+            opened.append(sock)
+            try:
+                while not stop.is_set():
+                    if kind == 1:
+                        sock.send(b"x")  # trickle a byte a second
+                    elif kind == 2:
+                        sock.send(os.urandom(64))
+                    if stop.wait(1.0):
+                        break
+            except OSError:
+                pass
+            finally:
+                sock.close()
+
+    threads = [threading.Thread(target=hostile, args=(n % 3,), daemon=True) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(opened) >= 200, 30, "200 hostile connections")
+        worker = fleet.start_worker(concurrency=2)
+        fleet.wait_workers(1, timeout=30)
+        deadline = time.monotonic() + 8  # past the 5 s handshake deadline
+        while time.monotonic() < deadline:
+            with fleet.client(retry_for=10) as client:
+                assert [r.value for r in client.submit("square", [[2], [3]]).wait()] == [4, 9]
+        assert worker.alive() and master.alive()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+    assert fleet.status()["rejected"], "the refused peers show in status"
+
+
+def test_shutdown_and_other_undocumented_calls_are_refused(fleet):
+    master = fleet.start_master()
+    conn = wire.dial(("127.0.0.1", fleet.port), fleet.key.read_bytes())
+    try:
+        for request in [(None, "shutdown", (), {}), (None, "debug_info", (), {}), ("fleet", "upkeep", (), {}),
+                        ("fleet", "__init__", (), {}), ("nope", "status", (), {}), "not a request"]:
+            conn.send(request)
+            kind, value = conn.recv()
+            assert kind == "#ERROR" and isinstance(value, PermissionError), (request, kind, value)
+    finally:
+        conn.close()
+    assert master.alive()
+    assert_serving(fleet)
+    assert master.text().count("refused") >= 6
+
+
+def test_a_master_at_its_descriptor_limit_backs_off_and_recovers(fleet):
+    """At RLIMIT_NOFILE the accept loop must not spin, and must serve again once
+    descriptors are free."""
+    master = fleet.start_master(preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    socks = []
+    try:
+        for _ in range(120):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", fleet.port), timeout=2))
+            except OSError:
+                break
+        wait_for(lambda: "cannot accept connections" in master.text(), 15, "the master to hit its limit")
+        before = _cpu_seconds(master.pid)
+        time.sleep(3)
+        spent = _cpu_seconds(master.pid) - before
+        assert spent < 1.0, f"the master used {spent:.2f} s of CPU in 3 s at its descriptor limit: spinning"
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_for(lambda: fleet.try_status() is not None, 20, "the master to serve again")
+    assert master.alive()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Touch:

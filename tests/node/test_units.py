@@ -1,15 +1,21 @@
-"""Unit tests: config (addresses, authkey), the task registry, CLI argument handling."""
+"""Unit tests: config (addresses, authkey, durations, sizes, state dir), the task registry,
+CLI argument handling."""
 
 import json
+import os
 import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
 from node import cli, config
-from node.config import ConfigError, parse_address, read_authkey
+from node.config import ConfigError, parse_address, parse_count, parse_duration, parse_size, read_authkey
 from node.tasks import Registry, UnknownTask
 
-from conftest import TEST_TASKS, write_key
+from conftest import ROOT, TEST_TASKS, base_env, write_key
 
 # -- config ------------------------------------------------------------------------
 
@@ -89,6 +95,78 @@ def test_read_authkey_missing_file_or_no_path(tmp_path):
         read_authkey("")
 
 
+@pytest.mark.parametrize("text, seconds", [
+    ("10", 10.0), ("1.5", 1.5), (".5", 0.5), ("10s", 10.0), ("90S", 90.0), ("5m", 300.0), ("2h", 7200.0),
+    ("7d", 604800.0), (" 1.5m ", 90.0), ("2 h", 7200.0),
+])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "s", "10x", "ten", "1e3", "inf", "nan", "0", "0s", "-1", "-5m", "1 0", "5mm"])
+def test_parse_duration_errors_quote_the_value_and_the_rules(text):
+    with pytest.raises(ConfigError) as err:
+        parse_duration(text)
+    assert str(err.value) == f"{text!r} is not a duration above 0 ({config.DURATION_RULES})"
+
+
+def test_parse_duration_zero_when_allowed():
+    assert parse_duration("0", allow_zero=True) == 0.0
+    with pytest.raises(ConfigError, match="is not a duration of 0 or more"):
+        parse_duration("-1", allow_zero=True)
+
+
+@pytest.mark.parametrize("text, size", [
+    ("1048576", 1048576), ("1", 1), ("100B", 100), ("512KiB", 512 * 1024), ("1MiB", 2**20), ("1mib", 2**20),
+    ("1M", 2**20), ("2K", 2048), ("1G", 2**30), ("1GiB", 2**30), ("1MB", 10**6), ("1kb", 1000), ("2GB", 2 * 10**9),
+    ("1.5MiB", 1572864), ("1.1MB", 1100000), ("0.5KiB", 512), (" 64 KiB ", 65536),
+])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "0", "0MiB", "-1", "1.5", "1.5B", "0.0001KB", "1TB", "1Mb/s", "many", "1e6"])
+def test_parse_size_errors_quote_the_value_and_the_rules(text):
+    with pytest.raises(ConfigError) as err:
+        parse_size(text)
+    assert str(err.value) == f"{text!r} is not a size above 0 ({config.SIZE_RULES})"
+
+
+def test_parse_count_and_choice():
+    assert parse_count("4") == 4 and parse_count(" 10000 ") == 10000 and parse_count("0", minimum=0) == 0
+    for text, minimum in (("0", 1), ("-1", 0), ("many", 1), ("1.5", 1), ("", 1)):
+        with pytest.raises(ConfigError, match=f"is not a whole number of {minimum} or more"):
+            parse_count(text, minimum=minimum)
+    assert config.parse_choice("FAST", ("full", "fast")) == "fast"
+    with pytest.raises(ConfigError, match="'slow' is not one of full, fast"):
+        config.parse_choice("slow", ("full", "fast"))
+
+
+def test_state_dir_is_made_when_missing(tmp_path):
+    config.check_state_dir(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+
+
+def test_state_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match=f"^state dir {tmp_path / 'f'} is not a directory$"):
+        config.check_state_dir(str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match=f"^cannot use state dir {tmp_path / 'f' / 'sub'}: Not a directory$"):
+        config.check_state_dir(str(tmp_path / "f" / "sub"))
+
+
+def test_state_dir_that_cannot_be_written(tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere a mode allows: sysfs refuses even root
+        places, reason = [Path("/sys/taskfleet-test-state")], "Operation not permitted"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        places, reason = [locked, locked / "state"], "Permission denied"
+    for place in places:
+        with pytest.raises(ConfigError, match=f"^cannot use state dir {place}: {reason}$"):
+            config.check_state_dir(str(place))
+
+
 # -- the task registry ---------------------------------------------------------------
 
 
@@ -161,25 +239,60 @@ def test_importable_tasks_module():
     assert reg.get("square") is Registry().get("square")
 
 
-def test_tasks_module_name_clash(tmp_path):
-    module = tmp_path / "clash.py"
-    module.write_text("def square(n):\n    return 0\n")
-    with pytest.raises(ValueError, match="'square' from .*clash.py clashes"):
+BROKEN_MODULES = {  # file content -> the first line of the error, kept in the message
+    "def f(:\n    pass\n": "SyntaxError: ",
+    "import no_such_module_here\n": "ModuleNotFoundError: No module named 'no_such_module_here'",
+    "raise RuntimeError('setup failed\\nsecond line')\n": "RuntimeError: setup failed",
+    "import sys\nsys.exit(3)\n": "SystemExit: 3",
+    "def square(n):\n    return 0\n": "task 'square' clashes with one already registered",
+    "TASKS = ['square']\n": "TASKS must be a dict of name: function",
+}
+
+
+@pytest.mark.parametrize("content", BROKEN_MODULES)
+def test_a_tasks_module_that_cannot_load_is_a_config_error(tmp_path, content):
+    module = tmp_path / "broken.py"
+    module.write_text(content)
+    with pytest.raises(ConfigError) as err:
         Registry([str(module)])
+    message = str(err.value)
+    assert message.startswith(f"cannot load tasks module {module}: {BROKEN_MODULES[content]}")
+    assert "\n" not in message
 
 
-def test_tasks_module_missing_file(tmp_path):
-    with pytest.raises(ImportError, match="no tasks file"):
-        Registry([str(tmp_path / "absent.py")])
+@pytest.mark.parametrize("name, reason", [
+    ("/nonexistent/absent.py", "FileNotFoundError: no such file"),
+    ("no_such_package.tasks", "ModuleNotFoundError: No module named 'no_such_package'"),
+    ("", "ValueError: Empty module name"),
+])
+def test_a_missing_tasks_module_is_a_config_error(name, reason):
+    with pytest.raises(ConfigError, match=f"^cannot load tasks module {name}: {reason}$"):
+        Registry([name])
+
+
+def test_two_modules_with_the_same_task_clash(tmp_path):
+    (tmp_path / "one.py").write_text("def cube(n):\n    return n ** 3\n")
+    (tmp_path / "two.py").write_text("def cube(n):\n    return 0\n")
+    with pytest.raises(ConfigError, match=r"two.py: task 'cube' clashes"):
+        Registry([str(tmp_path / "one.py"), str(tmp_path / "two.py")])
 
 
 def test_registry_survives_pickling_for_spawned_children(tmp_path):
+    """A spawned pool child gets the registry pickled: a file-loaded module's functions do
+    not pickle (the module is not importable), so the registry travels as its module list."""
     module = tmp_path / "mine2.py"
     module.write_text("def cube(n):\n    return n ** 3\n")
-    reg = Registry([str(module)])
-    assert reg.modules == (str(module),)
-    assert reg.get("cube")(3) == 27
-    assert pickle.loads(pickle.dumps(Registry())).get("square")(3) == 9
+    reg = Registry([str(module), str(TEST_TASKS)])
+    blob = pickle.dumps(reg)
+    copy = pickle.loads(blob)
+    assert copy.modules == reg.modules and copy.names() == reg.names()
+    assert copy.get("cube")(3) == 27 and copy.get("square")(3) == 9
+    # and in a fresh interpreter, as a spawned child is
+    child = subprocess.run([sys.executable, "-c", "import pickle, sys; reg = pickle.loads(sys.stdin.buffer.read()); "
+                            "print(reg.get('cube')(4), reg.get('blob')(2))"],
+                           input=blob, capture_output=True, cwd=str(ROOT), env=base_env(), timeout=60)
+    assert child.returncode == 0, child.stderr.decode()
+    assert child.stdout.decode().split() == ["64", "b'xx'"]
 
 
 # -- the command line ----------------------------------------------------------------
@@ -209,40 +322,173 @@ def test_read_args_file_errors_name_the_line(tmp_path, line, message):
         cli._read_args_file(str(path))
 
 
-def test_parser_flags_and_env_defaults(monkeypatch):
-    monkeypatch.setenv("TASKFLEET_MASTER", "m:1234")
-    monkeypatch.setenv("TASKFLEET_AUTHKEY_FILE", "/k")
-    monkeypatch.setenv("TASKFLEET_CONCURRENCY", "3")
-    monkeypatch.setenv("TASKFLEET_TASKS_MODULES", "a.b, c.py ,")
-    monkeypatch.setenv("TASKFLEET_LISTEN", "127.0.0.1:6000")
-    monkeypatch.setenv("TASKFLEET_STATE_DIR", "/s")
-    monkeypatch.setenv("TASKFLEET_WORKER_TTL", "2.5")
-    monkeypatch.setenv("TASKFLEET_MAX_PAYLOAD", "1000")
-    parser = cli.build_parser()
-    worker = parser.parse_args(["worker"])
-    assert (worker.master, worker.authkey_file, worker.concurrency) == ("m:1234", "/k", 3)
-    assert [m.strip() for m in cli._modules(worker)] == ["a.b", "c.py"]
-    assert cli._modules(parser.parse_args(["worker", "--tasks-module", "x"])) == ["x"]
-    master = parser.parse_args(["master"])
+@pytest.fixture
+def no_env(monkeypatch):
+    """No TASKFLEET_* variable from the caller's environment."""
+    for name in [n for n in os.environ if n.startswith("TASKFLEET_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_parse_args_from_env(no_env):
+    env = {
+        "TASKFLEET_MASTER": "m:1234", "TASKFLEET_AUTHKEY_FILE": "/k", "TASKFLEET_CONCURRENCY": "3",
+        "TASKFLEET_TASKS_MODULES": "a.b, c.py ,", "TASKFLEET_LISTEN": "127.0.0.1:6000", "TASKFLEET_STATE_DIR": "/s",
+        "TASKFLEET_WORKER_TTL": "2.5", "TASKFLEET_MAX_PAYLOAD": "1000", "TASKFLEET_DRAIN_TIMEOUT": "1m",
+        "TASKFLEET_DURABILITY": "fast", "TASKFLEET_RETENTION": "2h", "TASKFLEET_MAX_JOBS": "50",
+        "TASKFLEET_LOG_LEVEL": "debug",
+    }
+    for name, value in env.items():
+        no_env.setenv(name, value)
+    worker = cli.parse_args(["worker"])
+    assert (worker.master, worker.authkey_file, worker.concurrency, worker.drain_timeout, worker.log_level) == \
+        (("m", 1234), "/k", 3, 60.0, "DEBUG")
+    assert cli._modules(worker) == ["a.b", "c.py"]
+    assert cli._modules(cli.parse_args(["worker", "--tasks-module", "x"])) == ["x"]
+    master = cli.parse_args(["master"])
     assert (master.listen, master.state_dir, master.worker_ttl, master.max_payload) == \
-        ("127.0.0.1:6000", "/s", 2.5, 1000)
-    overridden = parser.parse_args(["worker", "--master", "o:1", "--concurrency", "2"])
-    assert (overridden.master, overridden.concurrency) == ("o:1", 2)
+        (("127.0.0.1", 6000), "/s", 2.5, 1000)
+    assert (master.durability, master.retention, master.max_jobs) == ("fast", 7200.0, 50)
 
 
-def test_parser_without_env(monkeypatch):
-    for name in ("TASKFLEET_MASTER", "TASKFLEET_CONCURRENCY", "TASKFLEET_TASKS_MODULES", "TASKFLEET_LISTEN"):
-        monkeypatch.delenv(name, raising=False)
-    parser = cli.build_parser()
-    args = parser.parse_args(["submit", "square", "1", "2", "--wait", "--json", "--timeout", "3", "--retries", "0"])
+def test_flags_override_env(no_env):
+    no_env.setenv("TASKFLEET_MASTER", "m:1234")
+    no_env.setenv("TASKFLEET_CONCURRENCY", "many")  # never parsed: the flag wins
+    worker = cli.parse_args(["worker", "--master", "o:1", "--concurrency", "2", "--drain-timeout", "0"])
+    assert (worker.master, worker.concurrency, worker.drain_timeout) == (("o", 1), 2, 0.0)
+    master = cli.parse_args(["master", "--worker-ttl", "1.5", "--max-payload", "512KiB", "--durability", "full",
+                             "--retention", "30m", "--max-jobs", "7"])
+    assert (master.worker_ttl, master.max_payload, master.durability, master.retention, master.max_jobs) == \
+        (1.5, 524288, "full", 1800.0, 7)
+
+
+def test_defaults_without_env(no_env):
+    no_env.setenv("TASKFLEET_CONCURRENCY", "")  # empty counts as unset
+    args = cli.parse_args(["submit", "square", "1", "2", "--wait", "--json", "--timeout", "3", "--retries", "0"])
     assert (args.task, args.args, args.wait, args.json, args.timeout, args.retries) == \
         ("square", ["1", "2"], True, True, 3.0, 0)
-    assert args.master is None
-    assert parser.parse_args(["worker"]).concurrency is None
-    assert parser.parse_args(["master"]).listen == "0.0.0.0:5000"
-    assert cli._modules(parser.parse_args(["master"])) == []
+    assert args.master is None and args.log_level == "INFO"
+    assert cli.parse_args(["submit", "square"]).timeout is None  # the master's default
+    worker = cli.parse_args(["worker"])
+    assert (worker.concurrency, worker.drain_timeout) == (None, 30.0)
+    assert cli.parse_args(["worker", "--concurrency", "0"]).concurrency is None  # 0: one per CPU
+    master = cli.parse_args(["master"])
+    assert (master.listen, master.state_dir, master.worker_ttl, master.max_payload) == \
+        (("0.0.0.0", 5000), None, 10.0, 1048576)
+    assert (master.durability, master.retention, master.max_jobs) == ("full", 604800.0, 10000)
+    assert cli._modules(master) == []
     with pytest.raises(ConfigError, match="no master address"):
         cli._master_address(args)
+
+
+BAD_VALUES = [  # (subcommand, flag, env var, value, what the message must say is expected)
+    ("master", "--worker-ttl", "TASKFLEET_WORKER_TTL", "10x", "a duration above 0"),
+    ("master", "--worker-ttl", "TASKFLEET_WORKER_TTL", "0", "a duration above 0"),
+    ("master", "--max-payload", "TASKFLEET_MAX_PAYLOAD", "0", "a size above 0"),
+    ("master", "--max-payload", "TASKFLEET_MAX_PAYLOAD", "1 TB", "a size above 0"),
+    ("master", "--durability", "TASKFLEET_DURABILITY", "safe", "one of full, fast"),
+    ("master", "--retention", "TASKFLEET_RETENTION", "0", "a duration above 0"),
+    ("master", "--retention", "TASKFLEET_RETENTION", "a week", "a duration above 0"),
+    ("master", "--max-jobs", "TASKFLEET_MAX_JOBS", "0", "a whole number of 1 or more"),
+    ("master", "--max-jobs", "TASKFLEET_MAX_JOBS", "1e4", "a whole number of 1 or more"),
+    ("master", "--listen", "TASKFLEET_LISTEN", "host:99999", "a number from 1 to 65535"),
+    ("master", "--log-level", "TASKFLEET_LOG_LEVEL", "loud", "one of DEBUG, INFO, WARNING, ERROR"),
+    ("worker", "--concurrency", "TASKFLEET_CONCURRENCY", "many", "a whole number of 0 or more"),
+    ("worker", "--concurrency", "TASKFLEET_CONCURRENCY", "-1", "a whole number of 0 or more"),
+    ("worker", "--drain-timeout", "TASKFLEET_DRAIN_TIMEOUT", "-1", "a duration of 0 or more"),
+    ("worker", "--master", "TASKFLEET_MASTER", "::1:5000", "[ADDR]:PORT"),
+]
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+@pytest.mark.parametrize("command, flag, env, value, expected", BAD_VALUES)
+def test_a_bad_value_names_flag_env_value_and_what_is_expected(no_env, source, command, flag, env, value, expected):
+    if source == "env":
+        no_env.setenv(env, value)
+        argv = [command]
+    else:  # --log-level is a top-level flag, the others the subcommand's
+        argv = [flag, value, command] if flag == "--log-level" else [command, flag, value]
+    with pytest.raises(ConfigError) as err:
+        cli.parse_args(argv)
+    message = str(err.value)
+    assert message.startswith(f"{flag} (env {env}): ")
+    assert repr(value) in message and expected in message
+
+
+@pytest.mark.parametrize("flag, value", [("--timeout", "0"), ("--timeout", "soon"), ("--retries", "-1")])
+def test_bad_submit_values(no_env, flag, value):
+    with pytest.raises(ConfigError, match=f"^{flag}: '{value}' is not "):
+        cli.parse_args(["submit", "square", "1", flag, value])
+
+
+def test_usage_errors_are_one_line_exit_2(capsys):
+    for argv in (["worker", "--bogus"], [], ["results", "x"], ["master", "--worker-ttl"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.parse_args(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("taskfleet: error: ") and err.count("\n") == 1 and "usage:" not in err, err
+
+
+class Recorder:
+    """Stands in for the engine: records how the command line calls it."""
+
+    calls: list = []
+
+    def __init__(self, *args):
+        Recorder.calls.append(("Worker", args, {}))
+
+    def run(self):
+        return 0
+
+    @staticmethod
+    def run_master(*args, **kwargs):
+        Recorder.calls.append(("run_master", args, kwargs))
+        return 0
+
+
+@pytest.fixture
+def engine(monkeypatch, no_env):
+    """node.master and node.worker replaced by Recorder (the real ones are not imported)."""
+    Recorder.calls = []
+    monkeypatch.setitem(sys.modules, "node.master", types.SimpleNamespace(run_master=Recorder.run_master))
+    monkeypatch.setitem(sys.modules, "node.worker", types.SimpleNamespace(Worker=Recorder))
+    return Recorder.calls
+
+
+def test_master_gets_its_settings_as_keywords(engine, tmp_path):
+    key = write_key(tmp_path / "k")
+    assert cli.main(["master", "--listen", "127.0.0.1:7000", "--state-dir", str(tmp_path / "state"),
+                     "--authkey-file", str(key), "--worker-ttl", "30s", "--max-payload", "2MB",
+                     "--durability", "fast", "--retention", "1d", "--max-jobs", "99", "--tasks-module", "m"]) == 0
+    ((name, args, kwargs),) = engine
+    assert name == "run_master"
+    assert args == (("127.0.0.1", 7000), b"s3cret-fleet-key", str(tmp_path / "state"), ["m"])
+    assert kwargs == {"worker_ttl": 30.0, "max_payload": 2000000, "durability": "fast", "retention": 86400.0,
+                      "max_jobs": 99}
+    assert (tmp_path / "state").is_dir()
+
+
+def test_worker_gets_the_key_file_path_after_one_check(engine, tmp_path):
+    key = write_key(tmp_path / "k")
+    assert cli.main(["worker", "--master", "m:1", "--authkey-file", str(key), "--concurrency", "4",
+                     "--drain-timeout", "5m", "--tasks-module", "a", "--tasks-module", "b"]) == 0
+    assert engine == [("Worker", (("m", 1), str(key), 4, ["a", "b"], 300.0), {})]
+    loose = write_key(tmp_path / "loose", b"k", 0o644)
+    assert cli.main(["worker", "--master", "m:1", "--authkey-file", str(loose)]) == 2
+    assert len(engine) == 1  # a bad key file at first start: no worker
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d.joinpath("file").write_text(""), "state dir {d}/file is not a directory"),
+    (lambda d: None, "no state directory: pass --state-dir DIR or set TASKFLEET_STATE_DIR"),
+])
+def test_master_checks_the_state_dir_before_starting(engine, tmp_path, capsys, make, message):
+    make(tmp_path)
+    state = ["--state-dir", str(tmp_path / "file")] if "file" in message else []
+    assert cli.main(["master", "--authkey-file", str(write_key(tmp_path / "k")), *state]) == 2
+    assert capsys.readouterr().err == f"taskfleet: error: {message.format(d=tmp_path)}\n"
+    assert engine == []
 
 
 def test_main_config_errors_exit_2(tmp_path, capsys, monkeypatch):

@@ -1,0 +1,222 @@
+"""The link between agents: BaseManager's framing and authkey handshake, owned here.
+
+The wire format is `multiprocessing.connection`'s (a 4-byte big-endian length, or -1
+and an 8-byte one, then a pickle) and the handshake is its HMAC challenge both ways,
+so the tutorial's unchanged BaseManager scripts talk to a taskfleet master. What the
+stock classes lack, added here:
+
+- `Connection` works over a socket (not a raw fd) and takes a *total* deadline: a peer
+  that trickles a byte at a time cannot hold a handshake open past it;
+- nothing is unpickled before the peer has authenticated (`recv_bytes(256)` only);
+- `Caller` makes calls on one remote object from any number of threads over a small
+  pool of authenticated connections, and turns every way of losing the master into
+  `MasterUnavailable`; it never reuses a connection whose call failed.
+
+A request is `(ident, method, args, kwargs)`; a reply is `("#RETURN", value)`,
+`("#ERROR", exception)` or `("#TRACEBACK", text)`, exactly one per request.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+import threading
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing import connection as mpc
+
+from node.config import describe_error, format_address
+from node.errors import MasterUnavailable, RemoteError
+
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 5.0  # seconds, in all, an unauthenticated peer may take
+REPLY_TIMEOUT = 120.0  # longest any one call may take before the master counts as lost
+MAX_MESSAGE = 256 * 1024 * 1024  # bytes of one authenticated message, at most
+SMALL_MESSAGE = 16 * 1024  # header and body go out in one write below this
+
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+
+
+class Connection:
+    """A framed, pickling connection over a connected socket.
+
+    `deadline` (a time.monotonic() value, or None) bounds every receive and send in
+    all, not each system call: past it they raise TimeoutError."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.deadline: float | None = None
+        self.timeout: float | None = None  # per-operation, when no deadline is set
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _arm(self) -> None:
+        if self.deadline is None:
+            self.sock.settimeout(self.timeout)
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self.sock.settimeout(left)
+
+    def _read(self, size: int) -> bytes:
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            self._arm()
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise EOFError("connection closed by the peer")
+            got += n
+        return bytes(buf)
+
+    def send_bytes(self, data: bytes) -> None:
+        size = len(data)
+        header = _HEADER.pack(size) if size <= 0x7FFFFFFF else _HEADER.pack(-1) + _LONG_HEADER.pack(size)
+        self._arm()
+        if size <= SMALL_MESSAGE:
+            self.sock.sendall(header + data)
+        else:
+            self.sock.sendall(header)
+            self._arm()
+            self.sock.sendall(data)
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        (size,) = _HEADER.unpack(self._read(4))
+        if size == -1:
+            (size,) = _LONG_HEADER.unpack(self._read(8))
+        if size < 0 or (maxlength is not None and size > maxlength):
+            raise OSError(f"bad message length {size}")
+        return self._read(size)
+
+    def send(self, obj) -> None:
+        self.send_bytes(pickle.dumps(obj, protocol=4))
+
+    def recv(self, maxlength: int = MAX_MESSAGE):
+        return pickle.loads(self.recv_bytes(maxlength))
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        """Wake a thread blocked on this connection (from another thread): it gets EOF."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def tune(sock: socket.socket, keepalive: bool = False) -> None:
+    """No Nagle (a large message is header plus body: Nagle and delayed ACKs would stall
+    the second write); keepalive on long-lived served connections (a vanished peer
+    frees its thread)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def serve_handshake(conn: Connection, authkey: bytes) -> None:
+    """The server's side: challenge the peer, then answer its challenge, within
+    HANDSHAKE_TIMEOUT in all. Raises AuthenticationError, EOFError or OSError."""
+    conn.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    mpc.deliver_challenge(conn, authkey)
+    mpc.answer_challenge(conn, authkey)
+    conn.deadline = None
+
+
+def dial(address: tuple[str, int], authkey: bytes, reply_timeout: float = REPLY_TIMEOUT) -> Connection:
+    """An authenticated connection to the master. Raises MasterUnavailable or
+    AuthenticationError (the message says what to do)."""
+    where = format_address(address)
+    try:
+        sock = socket.create_connection(tuple(address), timeout=CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise MasterUnavailable(f"cannot reach the master at {where}: {describe_error(exc)}") from None
+    tune(sock)
+    conn = Connection(sock)
+    try:
+        conn.deadline = time.monotonic() + HANDSHAKE_TIMEOUT + CONNECT_TIMEOUT
+        mpc.answer_challenge(conn, authkey)
+        mpc.deliver_challenge(conn, authkey)
+        conn.deadline, conn.timeout = None, reply_timeout
+        return conn
+    except AuthenticationError:
+        conn.close()
+        raise AuthenticationError(
+            f"authentication failed with the master at {where}: the authkey file does not hold the master's key"
+        ) from None
+    except (OSError, EOFError, AssertionError) as exc:  # answer_challenge asserts on a non-challenge
+        conn.close()
+        raise MasterUnavailable(f"cannot reach the master at {where}: {describe_error(exc)}") from None
+
+
+class Caller:
+    """Calls on the remote object `ident` at `address`, safe to share between threads.
+
+    Each call borrows an idle authenticated connection (or dials one), so concurrent
+    calls never share a socket; a connection whose call failed is dropped, with every
+    idle one (after a master restart they are all dead). `authkey` may be a callable,
+    read at every dial (a rotated key file is picked up on reconnect)."""
+
+    def __init__(self, address: tuple[str, int], authkey, ident: str = "fleet",
+                 reply_timeout: float = REPLY_TIMEOUT):
+        self.address = tuple(address)
+        self.authkey = authkey
+        self.ident = ident
+        self.reply_timeout = reply_timeout
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+
+    def _key(self) -> bytes:
+        return self.authkey() if callable(self.authkey) else self.authkey
+
+    def _borrow(self) -> Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return dial(self.address, self._key(), self.reply_timeout)
+
+    def connect(self) -> None:
+        """Dial now (raising as dial does) and keep the connection for the next call."""
+        conn = self._borrow()
+        with self._lock:
+            self._idle.append(conn)
+
+    def call(self, method: str, *args):
+        """The remote method's return value; its exception re-raised here (RemoteError
+        for an unexpected failure on the master); MasterUnavailable if the link failed."""
+        conn = self._borrow()
+        try:
+            conn.send((self.ident, method, args, {}))
+            kind, value = conn.recv()
+        except (OSError, EOFError) as exc:
+            conn.close()
+            self.close()
+            raise MasterUnavailable(
+                f"lost the master at {format_address(self.address)} during {method}: {describe_error(exc)}"
+            ) from None
+        with self._lock:
+            self._idle.append(conn)
+        if kind == "#RETURN":
+            return value
+        if kind == "#ERROR":
+            raise value
+        raise RemoteError(f"the master failed during {method}: {value}")
+
+    def close(self) -> None:
+        """Close every idle connection (calls under way finish on theirs)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
