@@ -159,7 +159,6 @@ class Scheduler:
                 job.sealed = row.sealed
                 job.touched = time.monotonic()
                 if job.finished:  # an empty job, or one whose tasks all ran before it was sealed
-                    self.store.seal_empty(row.id, time.time())
                     self._forget(row.id)
             self._notify()
         return row.id

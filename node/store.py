@@ -25,7 +25,6 @@ from __future__ import annotations
 import pickle
 import sqlite3
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +149,8 @@ class Store:
         self.reader = self._open()
         self.read_lock = threading.Lock()
         self.next_id, self.reserved = {}, {}
-        for kind, sql in (("job", "SELECT max(id) FROM jobs"), ("task", "SELECT max(first_task + count - 1) FROM batches"),
+        for kind, sql in (("job", "SELECT max(id) FROM jobs"),
+                          ("task", "SELECT max(first_task + count - 1) FROM batches"),
                           ("seq", "SELECT max(seq) FROM results")):
             highest = self.db.execute(sql).fetchone()[0] or 0
             mark = int(self._meta(f"reserved_{kind}") or 0)
@@ -247,7 +247,9 @@ class Store:
                 if job.total != seal_total or end != seal_total:
                     raise LookupError(f"job {job.id} is incomplete: the master holds {job.total} of its "
                                       f"{seal_total} tasks (a chunk went missing); submit it again")
-                db.execute("UPDATE jobs SET sealed = 1 WHERE id = ?", (job.id,))
+                # A job whose tasks all have results (none, or all run while it uploaded) is finished now.
+                db.execute("UPDATE jobs SET sealed = 1, finished = CASE WHEN done + failed = total THEN ? END"
+                           " WHERE id = ?", (now, job.id))
                 job.sealed = True
         return job, added, sealing
 
@@ -290,10 +292,6 @@ class Store:
     def _add_totals(self, done: int, failed: int) -> None:
         self.done_total += done
         self.failed_total += failed
-
-    def seal_empty(self, job_id: int, now: float) -> None:
-        with self._transaction("the job") as db:
-            db.execute("UPDATE jobs SET finished = ? WHERE id = ?", (now, job_id))
 
     def withdraw(self, job_id: int) -> None:
         """Delete an unsealed job and all it holds."""

@@ -57,16 +57,17 @@ def test_a_master_restart_during_a_submit_loses_no_task(fleet, tmp_path, sig):
 def test_a_submit_spans_several_master_restarts(fleet, tmp_path):
     """Each chunk is idempotent: a submit in flight through two restarts completes."""
     master = fleet.start_master()
-    submit = _start_submit(fleet, tmp_path, 60_000)
+    submit = _start_submit(fleet, tmp_path, 100_000)
+    wait_for(lambda: fleet.try_status() and fleet.try_status()["tasks"]["queued"] > 0, 60,
+             "the first chunks to be stored")
     for _ in range(2):
-        wait_for(lambda: fleet.try_status() is not None, 30, "the master to serve")
         master.kill_group(signal.SIGKILL)
         master.wait(10)
         master = fleet.start_master()
     out, err = submit.communicate(timeout=120)
     assert submit.returncode == 0, err
     with fleet.client() as client:
-        assert client.job(int(out)).info["total"] == 60_000
+        assert client.job(int(out)).info["total"] == 100_000
 
 
 def test_a_fresh_ledger_does_not_wedge_a_worker_holding_prefetched_tasks(fleet, tmp_path):
