@@ -34,7 +34,7 @@ from node.config import (
     read_authkey,
     setup_logging,
 )
-from node.errors import MasterUnavailable
+from node.errors import MasterUnavailable, RemoteError, StorageError
 
 EXIT_FAILED_TASKS, EXIT_CONFIG, EXIT_UNREACHABLE = 1, 2, 3
 DURABILITIES = ("full", "fast")
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="taskfleet-node",
         description="taskfleet node agents: a durable master/worker task system on multiprocessing.managers.",
         epilog="Exit codes: 0 ok, 1 some tasks failed, 2 bad configuration or input (incl. wrong authkey), "
-               f"3 master unreachable. {VALUE_RULES}",
+               f"3 master unreachable (or unable to store, e.g. its disk is full). {VALUE_RULES}",
     )
     parser.add_argument("--version", action="version", version=f"taskfleet-node {__version__}")
     LOG_LEVEL.add_to(parser)
@@ -268,8 +268,8 @@ def _ago(seconds) -> str:
 def print_status(status: dict) -> None:
     m, t = status["master"], status["tasks"]
     print(f"master {m['address']} (taskfleet {m['version']}, up {m['uptime']:.0f} s)")
-    print(f"tasks  {t['queued']} queued, {t['leased']} leased, {t['done']} done, {t['failed']} failed "
-          f"in {t['jobs']} job(s); throughput {status['throughput']} tasks/s (last 10 s)")
+    print(f"tasks  {t['queued']} queued, {t['leased']} leased, {t['done']} done, {t['failed']} failed; "
+          f"{t['open_jobs']} open job(s) of {t['jobs']} kept; throughput {status['throughput']} tasks/s (last 10 s)")
     rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE")]
     for w in status["workers"]:
         state = "alive" if w["alive"] else w["state"]
@@ -279,6 +279,8 @@ def print_status(status: dict) -> None:
     print(f"workers  {sum(1 for w in status['workers'] if w['alive'])} alive")
     for row in rows:
         print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for peer in status.get("rejected", []):
+        print(f"refused  {peer['host']}: {peer['count']} time(s), last {_ago(peer['seconds_ago'])}: {peer['reason']}")
 
 
 def main(argv=None) -> int:
@@ -290,10 +292,10 @@ def main(argv=None) -> int:
     except (ConfigError, AuthenticationError) as exc:
         print(f"taskfleet: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except MasterUnavailable as exc:
+    except (MasterUnavailable, StorageError, RemoteError) as exc:  # the master is away, or cannot serve now
         print(f"taskfleet: error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except (ValueError, LookupError) as exc:  # rejected by the master: nothing was queued
+    except (ValueError, LookupError, PermissionError) as exc:  # refused by the master: nothing was queued
         print(f"taskfleet: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 

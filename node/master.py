@@ -168,8 +168,8 @@ class Master:
                 # A job is accepted whole or not at all: drop the chunks that came before.
                 job_id = self.store.job_id(key)
                 dropped = self.scheduler.withdraw(job_id) if job_id else 0
-                raise RejectedJob(f"task {first_index + offset}: {exc}"
-                                  + (f" (the job's first {dropped} task(s) were withdrawn)" if dropped else "")) from None
+                withdrawn = f" (the job's first {dropped} task(s) were withdrawn)" if dropped else ""
+                raise RejectedJob(f"task {first_index + offset}: {exc}{withdrawn}") from None
             blobs.append(blob)
         job_id = self.scheduler.submit(key, task, timeout, retries + 1, first_index, blobs, seal_total)
         if seal_total is not None:
@@ -295,7 +295,7 @@ def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_mo
                     retention=retention, max_jobs=max_jobs)
     classic = [Service(name, queue.Queue(CLASSIC_QUEUE_SIZE), CLASSIC_METHODS, typeid=f"get_{name}", drain=False)
                for name in ("task_queue", "result_queue")]
-    server = Server(listen, authkey, [Service("fleet", master, frozenset(WORKER_CALLS + CLIENT_CALLS), "get_fleet"),
+    server = Server(listen, authkey, [Service("master", master, frozenset(WORKER_CALLS + CLIENT_CALLS), "get_master"),
                                       *classic])
     master.server = server
     stop = threading.Event()

@@ -169,7 +169,7 @@ class Caller:
     idle one (after a master restart they are all dead). `authkey` may be a callable,
     read at every dial (a rotated key file is picked up on reconnect)."""
 
-    def __init__(self, address: tuple[str, int], authkey, ident: str = "fleet",
+    def __init__(self, address: tuple[str, int], authkey, ident: str = "master",
                  reply_timeout: float = REPLY_TIMEOUT):
         self.address = tuple(address)
         self.authkey = authkey

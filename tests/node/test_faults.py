@@ -158,7 +158,7 @@ class _BrokenHello:
 def test_a_fatal_error_in_the_link_thread_ends_the_worker_non_zero(fleet):
     """A dead link thread must not leave a live, useless process: exit 1 (systemd restarts)."""
     key = fleet.key.read_bytes()
-    fake = server.Server(("127.0.0.1", 0), key, [server.Service("fleet", _BrokenHello(), frozenset({"hello"}))])
+    fake = server.Server(("127.0.0.1", 0), key, [server.Service("master", _BrokenHello(), frozenset({"hello"}))])
     fake.start()
     try:
         fleet.port = fake.address[1]

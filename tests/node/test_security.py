@@ -269,8 +269,8 @@ def test_shutdown_and_other_undocumented_calls_are_refused(fleet):
     master = fleet.start_master()
     conn = wire.dial(("127.0.0.1", fleet.port), fleet.key.read_bytes())
     try:
-        for request in [(None, "shutdown", (), {}), (None, "debug_info", (), {}), ("fleet", "upkeep", (), {}),
-                        ("fleet", "__init__", (), {}), ("nope", "status", (), {}), "not a request"]:
+        for request in [(None, "shutdown", (), {}), (None, "debug_info", (), {}), ("master", "upkeep", (), {}),
+                        ("master", "__init__", (), {}), ("nope", "status", (), {}), "not a request"]:
             conn.send(request)
             kind, value = conn.recv()
             assert kind == "#ERROR" and isinstance(value, PermissionError), (request, kind, value)
@@ -341,7 +341,7 @@ def test_nothing_from_an_unauthenticated_peer_is_unpickled(fleet, tmp_path):
     raw(fleet.port, frame(evil[1]), read_first=True)
     # as a first "request", without any handshake
     raw(fleet.port, frame(evil[2]))
-    raw(fleet.port, frame(evil[3]) + frame(pickle.dumps((None, "create", ("get_fleet",), {}))))
+    raw(fleet.port, frame(evil[3]) + frame(pickle.dumps((None, "create", ("get_master",), {}))))
     wait_for(lambda: master.text().count("rejected 127.0.0.1:") >= 4, 10, "four rejections")
     assert_serving(fleet)
     assert not any(marker.exists() for marker in markers)
