@@ -2,7 +2,9 @@
 
 Every flag can come from the environment (TASKFLEET_*), so services pass their
 configuration by file and nothing secret ever sits in a process's arguments; the
-authkey itself is only ever read from a file.
+authkey itself is only ever read from a file. A bad value, from a flag or its variable,
+is one line on stderr (`taskfleet: error: ...`) and exit code 2, which the units do not
+restart on.
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ def _add_modules(p: argparse.ArgumentParser) -> None:
     p.set_defaults(env_modules=env)
 
 
-def _subcommand(sub, name: str, help: str, description: str, *settings: Setting) -> argparse.ArgumentParser:
+def _subcommand(sub, name: str, help: str, description: str | None, *settings: Setting) -> argparse.ArgumentParser:
+    """A subcommand parser with these settings' flags, and the DURATION/SIZE rules in its --help."""
     p = sub.add_parser(name, help=help, description=description, epilog=VALUE_RULES if settings else None)
     for setting in settings:
         setting.add_to(p)
@@ -316,11 +319,13 @@ def _run_master(args) -> int:
                           max_payload=args.max_payload, durability=args.durability, retention=args.retention,
                           max_jobs=args.max_jobs)
     except OSError as exc:
-        if not (isinstance(exc, socket.gaierror) or exc.errno in LISTEN_ERRORS):
-            raise
+        if exc.filename is not None or not (isinstance(exc, socket.gaierror) or exc.errno in LISTEN_ERRORS):
+            raise  # not the listening socket's
+        reason = f"cannot listen on {format_address(args.listen)}: {exc.strerror or exc}"
+        if exc.errno == errno.EACCES:
+            raise ConfigError(f"{reason} (a port below 1024 needs privileges)") from None
         # Maybe passing (the address not up yet at boot, the old master still exiting): exit 1, restarted.
-        print(f"taskfleet: error: cannot listen on {format_address(args.listen)}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"taskfleet: error: {reason}", file=sys.stderr)
         return 1
 
 

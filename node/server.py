@@ -12,8 +12,9 @@ One thread per connection. The promises:
   manager calls stock proxies need (dummy, create, incref, decref, accept_connection,
   get_methods); `shutdown` and the rest are refused and logged;
 - exactly one reply per request, never one that was not asked for; a call cut short
-  by the master stopping (a service raises ConnectionAbortedError) gets no reply at all (the peer sees the connection close and
-  retries), so it cannot mistake anything for an answer.
+  by the master stopping (a service raises ConnectionAbortedError) gets no reply at
+  all: the peer sees the connection close and retries, so it cannot mistake anything
+  for an answer.
 """
 
 from __future__ import annotations

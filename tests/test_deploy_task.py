@@ -1,9 +1,19 @@
-"""Unit tests of ops/deploy.py that need no cluster (the recap parser, inventory checks)."""
+"""Tests of the deploy that need no cluster: ops/deploy.py (the recap parser, inventory
+checks) and static guards on the playbooks (the units' settings, no_log on the authkey)."""
 
+import re
+from pathlib import Path
+
+import jinja2
 import pytest
+import yaml
 from invoke.exceptions import Exit
 
 from ops import deploy
+from ops.paths import ROOT
+
+PLAYBOOKS = ROOT / "playbooks"
+ROLES = PLAYBOOKS / "roles"
 
 TAIL = "rescued=0    ignored=0"  # recap lines as Ansible prints them, split to fit the line length
 RECAP = f"""
@@ -49,3 +59,96 @@ def test_leak_check_finds_the_generated_key(tmp_path):
     assert deploy._leaked_authkey(tmp_path, "ok: [h] => " + "ab" * 48)
     assert not deploy._leaked_authkey(tmp_path, "ok: [h] => censored")
     assert not deploy._leaked_authkey(tmp_path / "other", "anything")
+
+
+# -- static guards on the playbooks ------------------------------------------------------
+
+
+def _defaults() -> dict:
+    values = {}
+    for path in sorted(ROLES.glob("*/defaults/main.yml")):
+        values.update(yaml.safe_load(path.read_text()) or {})
+    return values
+
+
+UNIT_TEMPLATES = sorted(ROLES.glob("*/templates/*.service*"))
+
+
+def _render_unit(template: Path, agent: str) -> dict:
+    """The unit rendered with the role defaults (unrendered Jinja in a default stays as
+    text): {directive: [values]} of its [Service] section, plus 'text'."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = env.from_string(template.read_text()).render(
+        {**_defaults(), "taskfleet_agent": agent, "ansible_managed": "managed"})
+    service = text.split("[Service]", 1)[1].split("[Install]", 1)[0]
+    directives: dict = {}
+    for line in service.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            directives.setdefault(key, []).append(value)
+    return {**directives, "text": text}
+
+
+def test_one_unit_template_for_both_agents():
+    assert [p.relative_to(ROLES).as_posix() for p in UNIT_TEMPLATES] == ["common/templates/taskfleet.service.j2"]
+
+
+@pytest.mark.parametrize("agent", ["master", "worker"])
+@pytest.mark.parametrize("template", UNIT_TEMPLATES, ids=lambda p: p.name)
+def test_units_are_notify_with_watchdog_limits_and_no_restart_on_config_errors(template, agent):
+    unit = _render_unit(template, agent)
+    defaults = _defaults()
+    expected = {
+        "Type": "notify", "NotifyAccess": "main", "TimeoutStartSec": str(defaults["taskfleet_start_timeout"]),
+        "WatchdogSec": str(defaults["taskfleet_watchdog_sec"]), "LimitNOFILE": str(defaults["taskfleet_limit_nofile"]),
+        "Restart": "on-failure", "RestartPreventExitStatus": "2", "EnvironmentFile": f"/etc/taskfleet/{agent}.env",
+    }
+    assert {key: unit.get(key) for key in expected} == {key: [value] for key, value in expected.items()}
+    assert (defaults["taskfleet_watchdog_sec"], defaults["taskfleet_limit_nofile"]) == (60, 65536)
+    assert unit["ExecStart"][0].endswith(f"/current/taskfleet-node.pyz {agent}")
+    for directive in defaults["taskfleet_unit_hardening"]:
+        key, _, value = directive.partition("=")
+        assert unit.get(key) == [value], directive
+
+
+def _tasks(node):
+    """Every task in a tasks file, a play list or a block, with the no_log it inherits."""
+    def walk(items, inherited):
+        for item in items or []:
+            no_log = item.get("no_log", inherited)
+            if "hosts" in item:  # a play
+                for section in ("pre_tasks", "tasks", "post_tasks", "handlers"):
+                    yield from walk(item.get(section), no_log)
+            elif any(k in item for k in ("block", "rescue", "always")):
+                for section in ("block", "rescue", "always"):
+                    yield from walk(item.get(section), no_log)
+            else:
+                yield item, no_log
+    return list(walk(node, False))
+
+
+def _authkey_tasks_without_no_log(tasks) -> list:
+    """Names of tasks that mention the authkey anywhere but in their name, yet may log."""
+    return [task.get("name", "?") for task, no_log in tasks
+            if re.search("authkey", yaml.safe_dump({k: v for k, v in task.items() if k != "name"}), re.I)
+            and no_log is not True]
+
+
+TASK_FILES = sorted([*ROLES.glob("*/tasks/*.yml"), *ROLES.glob("*/handlers/*.yml"), *PLAYBOOKS.glob("*.yml")])
+
+
+def test_every_task_touching_the_authkey_is_no_log():
+    tasks = [t for path in TASK_FILES for t in _tasks(yaml.safe_load(path.read_text()))]
+    assert len(tasks) > 30, "the walker found too few tasks: it has lost track of the playbooks' layout"
+    assert len([1 for task, _ in tasks if "authkey" in yaml.safe_dump(task)]) >= 6
+    assert _authkey_tasks_without_no_log(tasks) == []
+
+
+def test_the_no_log_guard_catches_a_leaky_task():
+    leaky = [{"name": "Show it", "ansible.builtin.debug": {"msg": "{{ taskfleet_authkey }}"}},
+             {"name": "Hidden", "block": [{"ansible.builtin.copy": {"content": "{{ taskfleet_authkey }}"}}],
+              "no_log": True},
+             {"name": "Explicitly logged", "ansible.builtin.stat": {"path": "{{ taskfleet_authkey_path }}"},
+              "no_log": False},
+             {"name": "About the authkey, touching nothing", "ansible.builtin.debug": {"msg": "hi"}}]
+    assert _authkey_tasks_without_no_log(_tasks(leaky)) == ["Show it", "Explicitly logged"]

@@ -21,6 +21,10 @@ from ops.paths import LOCAL_INVENTORY, ROOT
 
 INVOKE = ROOT / "invoke"
 
+# testinfra runs `ansible-inventory` and `ansible` from PATH: the pinned ones beside this
+# interpreter (.venv/bin), also when pytest is started as .venv/bin/pytest without ./invoke.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
 
 def pytest_collection_modifyitems(items):
     here = Path(__file__).parent

@@ -1,6 +1,7 @@
 """Unit tests: config (addresses, authkey, durations, sizes, state dir), the task registry,
 CLI argument handling."""
 
+import errno
 import json
 import os
 import pickle
@@ -477,6 +478,34 @@ def test_worker_gets_the_key_file_path_after_one_check(engine, tmp_path):
     loose = write_key(tmp_path / "loose", b"k", 0o644)
     assert cli.main(["worker", "--master", "m:1", "--authkey-file", str(loose)]) == 2
     assert len(engine) == 1  # a bad key file at first start: no worker
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (OSError(errno.EADDRINUSE, "Address already in use"), 1, "cannot listen on 127.0.0.1:7000: Address already in use"),
+    (OSError(errno.EACCES, "Permission denied"), 2,
+     "cannot listen on 127.0.0.1:7000: Permission denied (a port below 1024 needs privileges)"),
+])
+def test_master_listen_errors(no_env, monkeypatch, tmp_path, capsys, error, code, message):
+    """Exit 1 (restarted) when it may pass, 2 when the configuration must change."""
+    def run_master(*args, **kwargs):
+        raise error
+
+    monkeypatch.setitem(sys.modules, "node.master", types.SimpleNamespace(run_master=run_master))
+    argv = ["master", "--listen", "127.0.0.1:7000", "--state-dir", str(tmp_path), "--authkey-file",
+            str(write_key(tmp_path / "k"))]
+    assert cli.main(argv) == code
+    assert capsys.readouterr().err == f"taskfleet: error: {message}\n"
+
+
+def test_master_file_errors_are_not_listen_errors(no_env, monkeypatch, tmp_path, capsys):
+    def run_master(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ledger.sqlite3"))
+
+    monkeypatch.setitem(sys.modules, "node.master", types.SimpleNamespace(run_master=run_master))
+    argv = ["master", "--state-dir", str(tmp_path), "--authkey-file", str(write_key(tmp_path / "k"))]
+    cli.main(argv)
+    err = capsys.readouterr().err
+    assert "ledger.sqlite3" in err and "cannot listen" not in err
 
 
 @pytest.mark.parametrize("make, message", [
