@@ -29,6 +29,7 @@ from multiprocessing import AuthenticationError
 
 from node import wire
 from node.config import describe_error, format_address
+from node.errors import StorageError
 
 log = logging.getLogger("taskfleet.server")
 
@@ -254,6 +255,9 @@ class Server:
         except ConnectionAbortedError:  # the service is stopping: see _request_loop
             raise
         except (ValueError, LookupError, TypeError, PermissionError) as exc:
+            return ("#ERROR", exc)
+        except StorageError as exc:  # a full disk: said plainly, no traceback; the peer retries
+            log.warning("%s from %s: %s", method, _host(peer), exc)
             return ("#ERROR", exc)
         except Exception as exc:
             log.exception("%s from %s failed", method, _host(peer))

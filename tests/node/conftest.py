@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 HERE = Path(__file__).resolve().parent
-TEST_TASKS = HERE / "fleet_tasks.py"  # tests-only tasks module (crash, big results...)
+TEST_TASKS = HERE / "extra_tasks.py"  # tests-only tasks module (crash, big results...)
 
 
 def free_port() -> int:
@@ -41,7 +41,7 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition", interval
         time.sleep(interval)
 
 
-def write_key(path: Path, key: bytes = b"s3cret-fleet-key", mode: int = 0o600) -> Path:
+def write_key(path: Path, key: bytes = b"s3cret-agents-key", mode: int = 0o600) -> Path:
     path.write_bytes(key)
     path.chmod(mode)
     return path
@@ -88,7 +88,7 @@ class Proc:
                                  f"{self.text()[-3000:]}") from None
 
 
-class Fleet:
+class Agents:
     """Starts masters, workers and CLI commands for one test; kills them all at teardown."""
 
     def __init__(self, tmp: Path):
@@ -196,8 +196,8 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path):
-    f = Fleet(tmp_path)
+def agents(tmp_path):
+    f = Agents(tmp_path)
     try:
         yield f
     finally:

@@ -33,17 +33,17 @@ def test_build_is_reproducible_and_checksummed(pyz, tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_pyz_runs_outside_the_checkout(pyz, fleet):
+def test_pyz_runs_outside_the_checkout(pyz, agents):
     out = subprocess.run([PYTHON, str(pyz), "--version"], capture_output=True, text=True, cwd="/", timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("taskfleet-node ")
 
 
-def test_master_worker_and_job_from_the_pyz(pyz, fleet):
+def test_master_worker_and_job_from_the_pyz(pyz, agents):
     entry = [str(pyz)]
-    fleet.start_master(entry=entry)
-    fleet.start_worker(entry=entry, concurrency=2)
-    fleet.wait_workers(1)
-    out = fleet.cli("submit", "square", *map(str, range(10)), "--wait", "--json", entry=entry)
+    agents.start_master(entry=entry)
+    agents.start_worker(entry=entry, concurrency=2)
+    agents.wait_workers(1)
+    out = agents.cli("submit", "square", *map(str, range(10)), "--wait", "--json", entry=entry)
     assert out.returncode == 0, out.stderr
     lines = json_lines(out.stdout)
     check_exactly_once(lines, 10)
@@ -54,23 +54,23 @@ needs_py39 = pytest.mark.skipif(not PY39.exists(), reason=f"no Python 3.9 at {PY
 
 
 @needs_py39
-def test_python39_help(fleet):
-    out = fleet.cli("--help", python=str(PY39), with_master=False)
+def test_python39_help(agents):
+    out = agents.cli("--help", python=str(PY39), with_master=False)
     assert out.returncode == 0, out.stderr
     for sub in ("master", "worker", "submit", "status", "results"):
-        assert fleet.cli(sub, "--help", python=str(PY39), with_master=False).returncode == 0
+        assert agents.cli(sub, "--help", python=str(PY39), with_master=False).returncode == 0
 
 
 @needs_py39
-def test_python39_round_trip_from_the_pyz(pyz, fleet):
+def test_python39_round_trip_from_the_pyz(pyz, agents):
     entry = [str(pyz)]
-    fleet.start_master(entry=entry, python=str(PY39))
-    fleet.start_worker(entry=entry, python=str(PY39), concurrency=2)
-    fleet.wait_workers(1)
-    out = fleet.cli("submit", "square", "2", "3", "--wait", "--json", entry=entry, python=str(PY39))
+    agents.start_master(entry=entry, python=str(PY39))
+    agents.start_worker(entry=entry, python=str(PY39), concurrency=2)
+    agents.wait_workers(1)
+    out = agents.cli("submit", "square", "2", "3", "--wait", "--json", entry=entry, python=str(PY39))
     assert out.returncode == 0, out.stderr
     assert sorted(line["result"] for line in json_lines(out.stdout)) == [4, 9]
-    status = fleet.cli("status", "--json", entry=entry, python=str(PY39))
+    status = agents.cli("status", "--json", entry=entry, python=str(PY39))
     assert status.returncode == 0, status.stderr
 
 

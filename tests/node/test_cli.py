@@ -11,11 +11,11 @@ SUBCOMMANDS = ["master", "worker", "submit", "status", "results"]
 
 
 @pytest.fixture
-def running(fleet):
-    fleet.start_master()
-    fleet.start_worker(concurrency=2)
-    fleet.wait_workers(1)
-    return fleet
+def running(agents):
+    agents.start_master()
+    agents.start_worker(concurrency=2)
+    agents.wait_workers(1)
+    return agents
 
 
 def strip(line: dict) -> dict:
@@ -113,21 +113,21 @@ def test_unknown_job_exits_2(running):
     assert out.returncode == 2 and "no job 999" in out.stderr
 
 
-def test_authkey_readable_by_others_is_refused(fleet, tmp_path):
+def test_authkey_readable_by_others_is_refused(agents, tmp_path):
     loose = write_key(tmp_path / "loose", b"k", 0o644)
     for sub in (["status", "--master", "127.0.0.1:5000"], ["worker", "--master", "127.0.0.1:5000"],
                 ["master", "--state-dir", str(tmp_path / "s"), "--listen", f"127.0.0.1:{free_port()}"]):
-        out = fleet.cli(*sub, "--authkey-file", str(loose), with_master=False, timeout=30)
+        out = agents.cli(*sub, "--authkey-file", str(loose), with_master=False, timeout=30)
         assert out.returncode == 2, (sub, out.stderr)
         assert "accessible by others" in out.stderr and "chmod 600" in out.stderr
 
 
-def test_missing_configuration_exits_2(fleet, tmp_path):
-    out = fleet.cli("status", with_master=False)
+def test_missing_configuration_exits_2(agents, tmp_path):
+    out = agents.cli("status", with_master=False)
     assert out.returncode == 2 and "no master address" in out.stderr
-    out = fleet.cli("worker", "--master", "127.0.0.1:1", with_master=False)
+    out = agents.cli("worker", "--master", "127.0.0.1:1", with_master=False)
     assert out.returncode == 2 and "no authkey file" in out.stderr
-    out = fleet.cli("master", "--authkey-file", str(fleet.key), with_master=False)
+    out = agents.cli("master", "--authkey-file", str(agents.key), with_master=False)
     assert out.returncode == 2 and "no state directory" in out.stderr
 
 
@@ -156,51 +156,51 @@ CONFIG_ERRORS = [  # (argv, environment, what the one line says); {tmp} is the t
 
 
 @pytest.mark.parametrize("argv, env, message", CONFIG_ERRORS)
-def test_configuration_errors_exit_2_with_one_line(fleet, tmp_path, argv, env, message):
+def test_configuration_errors_exit_2_with_one_line(agents, tmp_path, argv, env, message):
     """What systemd must not restart: exit 2, one line naming the problem, no traceback."""
     (tmp_path / "a-file").write_text("")
     (tmp_path / "broken.py").write_text("def f(:\n")
     where = {"master": ["--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state")],
              "worker": ["--master", "127.0.0.1:1"]}
     command = argv[0] if argv else "status"
-    full = [command, "--authkey-file", str(fleet.key), *where.get(command, []), *argv[1:]]
+    full = [command, "--authkey-file", str(agents.key), *where.get(command, []), *argv[1:]]
     if command == "status":
         full += ["--master", "127.0.0.1:1"]
-    out = fleet.cli(*(a.format(tmp=tmp_path) for a in full), with_master=False, timeout=30,
+    out = agents.cli(*(a.format(tmp=tmp_path) for a in full), with_master=False, timeout=30,
                     env=base_env(**{k: v.format(tmp=tmp_path) for k, v in env.items()}))
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("taskfleet: error: ") and out.stderr.count("\n") == 1, out.stderr
     assert message.format(tmp=tmp_path) in out.stderr
 
 
-def test_unreachable_master_exits_3(fleet):
+def test_unreachable_master_exits_3(agents):
     port = free_port()  # nothing listens there
-    out = fleet.cli("status", "--master", f"127.0.0.1:{port}", "--authkey-file", str(fleet.key),
+    out = agents.cli("status", "--master", f"127.0.0.1:{port}", "--authkey-file", str(agents.key),
                     with_master=False)
     assert out.returncode == 3
     assert f"cannot reach the master at 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_port_in_use_is_a_clear_error(fleet):
-    fleet.start_master()
-    out = fleet.cli("master", "--listen", fleet.master_address, "--state-dir", str(fleet.tmp / "other"),
-                    "--authkey-file", str(fleet.key), with_master=False)
+def test_port_in_use_is_a_clear_error(agents):
+    agents.start_master()
+    out = agents.cli("master", "--listen", agents.master_address, "--state-dir", str(agents.tmp / "other"),
+                    "--authkey-file", str(agents.key), with_master=False)
     assert out.returncode != 0 and "cannot listen on" in out.stderr
 
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)
-def test_help_of_each_subcommand(fleet, sub):
-    out = fleet.cli(sub, "--help", with_master=False)
+def test_help_of_each_subcommand(agents, sub):
+    out = agents.cli(sub, "--help", with_master=False)
     assert out.returncode == 0 and out.stdout.startswith(f"usage: taskfleet-node {sub}")
     assert "--authkey-file" in out.stdout
 
 
-def test_version_and_top_level_help(fleet):
+def test_version_and_top_level_help(agents):
     from node import __version__
 
-    out = fleet.cli("--version", with_master=False)
+    out = agents.cli("--version", with_master=False)
     assert out.returncode == 0 and out.stdout.strip() == f"taskfleet-node {__version__}"
-    top = fleet.cli("--help", with_master=False)
+    top = agents.cli("--help", with_master=False)
     assert top.returncode == 0 and all(sub in top.stdout for sub in SUBCOMMANDS)
-    none = fleet.cli(with_master=False)
+    none = agents.cli(with_master=False)
     assert none.returncode == 2

@@ -15,34 +15,34 @@ from node.errors import Incompatible
 from conftest import PYTHON, ROOT, TEST_TASKS, base_env, check_exactly_once, wait_for, write_key
 
 
-def _start_submit(fleet, tmp_path, count: int) -> subprocess.Popen:
+def _start_submit(agents, tmp_path, count: int) -> subprocess.Popen:
     args = tmp_path / "args.jsonl"
     args.write_text("".join(f"[{n}]\n" for n in range(count)))
     return subprocess.Popen([PYTHON, "-m", "node", "submit", "square", "--args-file", str(args), "--master",
-                             fleet.master_address, "--authkey-file", str(fleet.key)], cwd=str(ROOT), env=base_env(),
+                             agents.master_address, "--authkey-file", str(agents.key)], cwd=str(ROOT), env=base_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
-def test_a_master_restart_during_a_submit_loses_no_task(fleet, tmp_path, sig):
+def test_a_master_restart_during_a_submit_loses_no_task(agents, tmp_path, sig):
     """The submit either completes with every task, or fails plainly with nothing
     half-stored: never exit 0 with tasks missing."""
     count = 100_000  # 20 chunks
-    master = fleet.start_master()
-    submit = _start_submit(fleet, tmp_path, count)
-    wait_for(lambda: fleet.try_status() and fleet.try_status()["tasks"]["queued"] > 0, 60,
+    master = agents.start_master()
+    submit = _start_submit(agents, tmp_path, count)
+    wait_for(lambda: agents.try_status() and agents.try_status()["tasks"]["queued"] > 0, 60,
              "the first chunks to be stored")
     master.kill_group(sig)
     master.wait(30)
-    fleet.start_master()
+    agents.start_master()
     try:
         out, err = submit.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         submit.kill()
         raise AssertionError("submit hung across the master restart") from None
     assert "Traceback" not in err, err
-    fleet.start_worker(concurrency=2)
-    with fleet.client() as client:
+    agents.start_worker(concurrency=2)
+    with agents.client() as client:
         if submit.returncode == 0:
             job = client.job(int(out.strip()))
             assert job.info["total"] == count and job.info["sealed"]
@@ -54,61 +54,61 @@ def test_a_master_restart_during_a_submit_loses_no_task(fleet, tmp_path, sig):
             wait_for(lambda: client.status()["tasks"]["open_jobs"] == 0, 30, "the partial job to be withdrawn")
 
 
-def test_a_submit_spans_several_master_restarts(fleet, tmp_path):
+def test_a_submit_spans_several_master_restarts(agents, tmp_path):
     """Each chunk is idempotent: a submit in flight through two restarts completes."""
-    master = fleet.start_master()
-    submit = _start_submit(fleet, tmp_path, 100_000)
-    wait_for(lambda: fleet.try_status() and fleet.try_status()["tasks"]["queued"] > 0, 60,
+    master = agents.start_master()
+    submit = _start_submit(agents, tmp_path, 100_000)
+    wait_for(lambda: agents.try_status() and agents.try_status()["tasks"]["queued"] > 0, 60,
              "the first chunks to be stored")
     for _ in range(2):
         master.kill_group(signal.SIGKILL)
         master.wait(10)
-        master = fleet.start_master()
+        master = agents.start_master()
     out, err = submit.communicate(timeout=120)
     assert submit.returncode == 0, err
-    with fleet.client() as client:
+    with agents.client() as client:
         assert client.job(int(out)).info["total"] == 100_000
 
 
-def test_a_fresh_ledger_does_not_wedge_a_worker_holding_prefetched_tasks(fleet, tmp_path):
+def test_a_fresh_ledger_does_not_wedge_a_worker_holding_prefetched_tasks(agents, tmp_path):
     """The worker held many prefetched tasks of the old ledger; the new ledger issues
     the same ids again: every new task must still get its result."""
-    master = fleet.start_master()
-    worker = fleet.start_worker(concurrency=1)
-    fleet.wait_workers(1)
-    with fleet.client() as client:
+    master = agents.start_master()
+    worker = agents.start_worker(concurrency=1)
+    agents.wait_workers(1)
+    with agents.client() as client:
         client.submit("sleep", [[0.001]] * 200).wait()  # the worker learns tasks are quick: big prefetch
         client.submit("sleep", [[0.2]] * 60)
         wait_for(lambda: client.status()["tasks"]["leased"] >= 10, 30, "tasks prefetched")
     master.kill_group(signal.SIGKILL)
     master.wait(10)
-    fleet.start_master(state_dir=tmp_path / "fresh")
-    fleet.wait_workers(1)
-    with fleet.client() as client:  # ids 1..260 again: the old job's 201..260 were prefetched
+    agents.start_master(state_dir=tmp_path / "fresh")
+    agents.wait_workers(1)
+    with agents.client() as client:  # ids 1..260 again: the old job's 201..260 were prefetched
         results = client.submit("square", [[n] for n in range(260)]).wait()
     check_exactly_once(results, 260)
     assert all(r.ok and r.value == r.index ** 2 for r in results)
     assert worker.alive()
 
 
-def test_a_job_of_a_lost_ledger_answers_plainly(fleet, tmp_path):
-    master = fleet.start_master()
-    with fleet.client(retry_for=30) as client:
+def test_a_job_of_a_lost_ledger_answers_plainly(agents, tmp_path):
+    master = agents.start_master()
+    with agents.client(retry_for=30) as client:
         job = client.submit("square", [[1]])
         master.kill_group(signal.SIGKILL)
         master.wait(10)
-        fleet.start_master(state_dir=tmp_path / "fresh")
+        agents.start_master(state_dir=tmp_path / "fresh")
         client.submit("square", [[2]])  # the new ledger's job 1
         with pytest.raises(LookupError, match="new ledger"):
             list(job.results(wait=False))
 
 
-def test_one_client_shared_by_threads_survives_a_master_restart(fleet):
-    master = fleet.start_master()
-    fleet.start_worker(concurrency=2)
+def test_one_client_shared_by_threads_survives_a_master_restart(agents):
+    master = agents.start_master()
+    agents.start_worker(concurrency=2)
     errors, done = [], collections.Counter()
     stop = threading.Event()
-    with fleet.client(retry_for=30) as client:
+    with agents.client(retry_for=30) as client:
         def use():
             try:
                 while not stop.is_set():
@@ -123,7 +123,7 @@ def test_one_client_shared_by_threads_survives_a_master_restart(fleet):
         wait_for(lambda: len(done) == 4, 30, "every thread to finish a job")
         master.kill_group(signal.SIGKILL)
         master.wait(10)
-        fleet.start_master()
+        agents.start_master()
         before = dict(done)
         wait_for(lambda: all(done[t] > before[t] for t in before) or errors, 60, "every thread to go on")
         stop.set()
@@ -132,21 +132,21 @@ def test_one_client_shared_by_threads_survives_a_master_restart(fleet):
     assert not errors, errors
 
 
-def test_a_worker_keeps_retrying_when_the_key_changes_and_rejoins_with_the_new_one(fleet, tmp_path):
-    master = fleet.start_master()
-    worker_key = write_key(tmp_path / "worker-key", fleet.key.read_bytes())
-    worker = fleet.start_worker(key=worker_key)
-    fleet.wait_workers(1)
-    write_key(fleet.key, b"the-rotated-key")  # the master restarts with a new key
+def test_a_worker_keeps_retrying_when_the_key_changes_and_rejoins_with_the_new_one(agents, tmp_path):
+    master = agents.start_master()
+    worker_key = write_key(tmp_path / "worker-key", agents.key.read_bytes())
+    worker = agents.start_worker(key=worker_key)
+    agents.wait_workers(1)
+    write_key(agents.key, b"the-rotated-key")  # the master restarts with a new key
     master.popen.send_signal(signal.SIGTERM)
     master.wait(30)
-    fleet.start_master()
+    agents.start_master()
     wait_for(lambda: "authentication failed" in worker.text(), 30, "the worker to say its key is refused")
     assert worker.alive(), "a worker whose key was refused on reconnect must keep trying"
-    wait_for(lambda: fleet.status()["rejected"], 10, "the master to show the refused peer")
+    wait_for(lambda: agents.status()["rejected"], 10, "the master to show the refused peer")
     write_key(worker_key, b"the-rotated-key")  # the deploy brings the new key
-    fleet.wait_workers(1, timeout=60)
-    with fleet.client() as client:
+    agents.wait_workers(1, timeout=60)
+    with agents.client() as client:
         assert [r.value for r in client.submit("square", [[5]]).wait()] == [25]
 
 
@@ -155,27 +155,27 @@ class _BrokenHello:
         return {"unexpected": "reply"}  # a master bug: the worker cannot use this
 
 
-def test_a_fatal_error_in_the_link_thread_ends_the_worker_non_zero(fleet):
+def test_a_fatal_error_in_the_link_thread_ends_the_worker_non_zero(agents):
     """A dead link thread must not leave a live, useless process: exit 1 (systemd restarts)."""
-    key = fleet.key.read_bytes()
+    key = agents.key.read_bytes()
     fake = server.Server(("127.0.0.1", 0), key, [server.Service("master", _BrokenHello(), frozenset({"hello"}))])
     fake.start()
     try:
-        fleet.port = fake.address[1]
-        worker = fleet.start_worker()
+        agents.port = fake.address[1]
+        worker = agents.start_worker()
         assert worker.wait(30) == 1
         assert "link to the master failed" in worker.text()
     finally:
         fake.stop(grace=1)
 
 
-def test_a_timeout_keeps_the_outcomes_finished_before_it_in_its_chunk(fleet, tmp_path):
+def test_a_timeout_keeps_the_outcomes_finished_before_it_in_its_chunk(agents, tmp_path):
     """Tasks finished (not yet reported) before a task that times out are not run again."""
-    fleet.start_master("--tasks-module", str(TEST_TASKS))
-    worker = fleet.start_worker("--tasks-module", str(TEST_TASKS), concurrency=1)
-    fleet.wait_workers(1)
+    agents.start_master("--tasks-module", str(TEST_TASKS))
+    worker = agents.start_worker("--tasks-module", str(TEST_TASKS), concurrency=1)
+    agents.wait_workers(1)
     tally = tmp_path / "tally"
-    with fleet.client() as client:
+    with agents.client() as client:
         client.submit("square", [[n] for n in range(300)]).wait()  # learn: tasks are quick, chunks grow
         # One job, leased and sent to the one process as one chunk: 30 quick tasks, then one that hangs.
         results = client.submit("tally", [[str(tally), n, 30 if n == 30 else 0] for n in range(31)], timeout=1,
@@ -187,9 +187,9 @@ def test_a_timeout_keeps_the_outcomes_finished_before_it_in_its_chunk(fleet, tmp
     assert worker.alive()
 
 
-def test_a_peer_speaking_another_protocol_is_refused_plainly(fleet):
-    fleet.start_master()
-    caller = wire.Caller(("127.0.0.1", fleet.port), fleet.key.read_bytes())
+def test_a_peer_speaking_another_protocol_is_refused_plainly(agents):
+    agents.start_master()
+    caller = wire.Caller(("127.0.0.1", agents.port), agents.key.read_bytes())
     try:
         with pytest.raises(Incompatible, match=f"protocol {PROTOCOL}, the worker 1"):
             caller.call("hello", "w", "h", 1, 1, [], None, 1)
@@ -198,8 +198,8 @@ def test_a_peer_speaking_another_protocol_is_refused_plainly(fleet):
         caller.close()
 
 
-def test_fast_durability_is_a_choice_and_status_says_which(fleet):
-    fleet.start_master("--durability", "fast")
-    assert fleet.status()["master"]["durability"] == "fast"
-    out = fleet.cli("status", "--json")
+def test_fast_durability_is_a_choice_and_status_says_which(agents):
+    agents.start_master("--durability", "fast")
+    assert agents.status()["master"]["durability"] == "fast"
+    out = agents.cli("status", "--json")
     assert json.loads(out.stdout)["master"]["durability"] == "fast"

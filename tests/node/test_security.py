@@ -48,25 +48,25 @@ def raw(port: int, data: bytes = b"", read_first: bool = False, timeout: float =
         return received
 
 
-def assert_serving(fleet):
-    with fleet.client(retry_for=0) as client:
-        assert client.status()["master"]["pid"] == fleet.procs[0].pid
-    assert fleet.procs[0].alive()
+def assert_serving(agents):
+    with agents.client(retry_for=0) as client:
+        assert client.status()["master"]["pid"] == agents.procs[0].pid
+    assert agents.procs[0].alive()
 
 
-def test_wrong_authkey_client_worker_and_master_log(fleet, tmp_path):
-    master = fleet.start_master()
-    wrong = write_key(tmp_path / "wrong", b"not-the-fleet-key")
-    out = fleet.cli("status", "--master", fleet.master_address, "--authkey-file", str(wrong), with_master=False)
+def test_wrong_authkey_client_worker_and_master_log(agents, tmp_path):
+    master = agents.start_master()
+    wrong = write_key(tmp_path / "wrong", b"not-the-agents-key")
+    out = agents.cli("status", "--master", agents.master_address, "--authkey-file", str(wrong), with_master=False)
     assert out.returncode == 2
     assert "authentication failed" in out.stderr and "Traceback" not in out.stderr
-    worker = fleet.start_worker(key=wrong)
+    worker = agents.start_worker(key=wrong)
     assert worker.wait(30) != 0
     assert "authentication failed" in worker.text()
     wait_for(lambda: master.text().count("rejected 127.0.0.1:") >= 2, 10, "the master to log both peers")
     assert "authentication failed" in master.text()
-    assert_serving(fleet)
-    assert fleet.alive_workers() == []
+    assert_serving(agents)
+    assert agents.alive_workers() == []
 
 
 GARBAGE = {
@@ -81,25 +81,25 @@ GARBAGE = {
 
 
 @pytest.mark.parametrize("name", list(GARBAGE))
-def test_garbage_on_the_port_is_dropped_and_the_master_keeps_serving(fleet, name):
-    master = fleet.start_master()
-    answer = raw(fleet.port, GARBAGE[name])
+def test_garbage_on_the_port_is_dropped_and_the_master_keeps_serving(agents, name):
+    master = agents.start_master()
+    answer = raw(agents.port, GARBAGE[name])
     assert b"#WELCOME#" not in answer and b"Traceback" not in answer
-    assert_serving(fleet)
+    assert_serving(agents)
     if name != "empty":
         wait_for(lambda: "rejected 127.0.0.1:" in master.text(), 10, "the master to log the peer")
     assert "Traceback" not in master.text()
 
 
-def test_half_open_connections_do_not_block_other_clients(fleet):
-    master = fleet.start_master()
-    silent = [socket.create_connection(("127.0.0.1", fleet.port)) for _ in range(20)]
+def test_half_open_connections_do_not_block_other_clients(agents):
+    master = agents.start_master()
+    silent = [socket.create_connection(("127.0.0.1", agents.port)) for _ in range(20)]
     try:
         for _ in range(3):
-            assert_serving(fleet)  # served while 20 peers sit in their handshake
-        worker = fleet.start_worker()
-        fleet.wait_workers(1)
-        with fleet.client() as client:
+            assert_serving(agents)  # served while 20 peers sit in their handshake
+        worker = agents.start_worker()
+        agents.wait_workers(1)
+        with agents.client() as client:
             assert [r.value for r in client.submit("square", [[2], [3]]).wait()] == [4, 9]
         assert worker.alive() and master.alive()
     finally:
@@ -218,17 +218,17 @@ def _try_ping(caller):
         return None
 
 
-def test_200_hostile_peers_do_not_starve_workers_and_clients(fleet):
+def test_200_hostile_peers_do_not_starve_workers_and_clients(agents):
     """Silent, trickling and garbage-sending peers, 200 at once, for longer than the
     handshake deadline: a worker joins and runs a job, clients are served."""
-    master = fleet.start_master()
+    master = agents.start_master()
     stop = threading.Event()
     opened = []
 
     def hostile(kind: int):
         while not stop.is_set():
             try:
-                sock = socket.create_connection(("127.0.0.1", fleet.port), timeout=5)
+                sock = socket.create_connection(("127.0.0.1", agents.port), timeout=5)
             except OSError:
                 stop.wait(0.1)
                 continue
@@ -251,23 +251,23 @@ def test_200_hostile_peers_do_not_starve_workers_and_clients(fleet):
         thread.start()
     try:
         wait_for(lambda: len(opened) >= 200, 30, "200 hostile connections")
-        worker = fleet.start_worker(concurrency=2)
-        fleet.wait_workers(1, timeout=30)
+        worker = agents.start_worker(concurrency=2)
+        agents.wait_workers(1, timeout=30)
         deadline = time.monotonic() + 8  # past the 5 s handshake deadline
         while time.monotonic() < deadline:
-            with fleet.client(retry_for=10) as client:
+            with agents.client(retry_for=10) as client:
                 assert [r.value for r in client.submit("square", [[2], [3]]).wait()] == [4, 9]
         assert worker.alive() and master.alive()
     finally:
         stop.set()
         for thread in threads:
             thread.join(5)
-    assert fleet.status()["rejected"], "the refused peers show in status"
+    assert agents.status()["rejected"], "the refused peers show in status"
 
 
-def test_shutdown_and_other_undocumented_calls_are_refused(fleet):
-    master = fleet.start_master()
-    conn = wire.dial(("127.0.0.1", fleet.port), fleet.key.read_bytes())
+def test_shutdown_and_other_undocumented_calls_are_refused(agents):
+    master = agents.start_master()
+    conn = wire.dial(("127.0.0.1", agents.port), agents.key.read_bytes())
     try:
         for request in [(None, "shutdown", (), {}), (None, "debug_info", (), {}), ("master", "upkeep", (), {}),
                         ("master", "__init__", (), {}), ("nope", "status", (), {}), "not a request"]:
@@ -277,19 +277,19 @@ def test_shutdown_and_other_undocumented_calls_are_refused(fleet):
     finally:
         conn.close()
     assert master.alive()
-    assert_serving(fleet)
+    assert_serving(agents)
     assert master.text().count("refused") >= 6
 
 
-def test_a_master_at_its_descriptor_limit_backs_off_and_recovers(fleet):
+def test_a_master_at_its_descriptor_limit_backs_off_and_recovers(agents):
     """At RLIMIT_NOFILE the accept loop must not spin, and must serve again once
     descriptors are free."""
-    master = fleet.start_master(preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    master = agents.start_master(preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
     socks = []
     try:
         for _ in range(120):
             try:
-                socks.append(socket.create_connection(("127.0.0.1", fleet.port), timeout=2))
+                socks.append(socket.create_connection(("127.0.0.1", agents.port), timeout=2))
             except OSError:
                 break
         wait_for(lambda: "cannot accept connections" in master.text(), 15, "the master to hit its limit")
@@ -300,7 +300,7 @@ def test_a_master_at_its_descriptor_limit_backs_off_and_recovers(fleet):
     finally:
         for sock in socks:
             sock.close()
-    wait_for(lambda: fleet.try_status() is not None, 20, "the master to serve again")
+    wait_for(lambda: agents.try_status() is not None, 20, "the master to serve again")
     assert master.alive()
 
 
@@ -325,8 +325,8 @@ class _System:
         return (os.system, (self.command,))
 
 
-def test_nothing_from_an_unauthenticated_peer_is_unpickled(fleet, tmp_path):
-    master = fleet.start_master()
+def test_nothing_from_an_unauthenticated_peer_is_unpickled(agents, tmp_path):
+    master = agents.start_master()
     markers = [tmp_path / f"pwned-{n}" for n in range(4)]
     # sanity: these pickles do create their marker when unpickled
     probe = tmp_path / "probe"
@@ -336,12 +336,12 @@ def test_nothing_from_an_unauthenticated_peer_is_unpickled(fleet, tmp_path):
     evil = [pickle.dumps(_Touch(str(markers[0]))), pickle.dumps(_System(f"touch {markers[1]}")),
             pickle.dumps(_Touch(str(markers[2]))), pickle.dumps(_System(f"touch {markers[3]}"))]
     # as the answer to the master's challenge
-    answer = raw(fleet.port, frame(evil[0]), read_first=True)
+    answer = raw(agents.port, frame(evil[0]), read_first=True)
     assert b"#FAILURE#" in answer
-    raw(fleet.port, frame(evil[1]), read_first=True)
+    raw(agents.port, frame(evil[1]), read_first=True)
     # as a first "request", without any handshake
-    raw(fleet.port, frame(evil[2]))
-    raw(fleet.port, frame(evil[3]) + frame(pickle.dumps((None, "create", ("get_master",), {}))))
+    raw(agents.port, frame(evil[2]))
+    raw(agents.port, frame(evil[3]) + frame(pickle.dumps((None, "create", ("get_master",), {}))))
     wait_for(lambda: master.text().count("rejected 127.0.0.1:") >= 4, 10, "four rejections")
-    assert_serving(fleet)
+    assert_serving(agents)
     assert not any(marker.exists() for marker in markers)

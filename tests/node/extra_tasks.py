@@ -1,4 +1,4 @@
-"""Tests-only tasks, loaded with --tasks-module tests/node/fleet_tasks.py."""
+"""Tests-only tasks, loaded with --tasks-module tests/node/extra_tasks.py."""
 
 import os
 

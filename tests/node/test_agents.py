@@ -10,50 +10,50 @@ import pytest
 from conftest import PYTHON, TEST_TASKS, check_exactly_once, wait_for
 
 
-def test_tasks_spread_across_workers(fleet):
-    fleet.start_master()
+def test_tasks_spread_across_workers(agents):
+    agents.start_master()
     for _ in range(3):
-        fleet.start_worker(concurrency=1)
-    fleet.wait_workers(3)
-    with fleet.client() as client:
+        agents.start_worker(concurrency=1)
+    agents.wait_workers(3)
+    with agents.client() as client:
         job = client.submit("sleep", [[0.05]] * 60)
         results = job.wait()
     check_exactly_once(results, 60)
     assert all(r.ok and r.value == 0.05 and r.attempts == 1 for r in results)
-    done = fleet.done_by_worker()
+    done = agents.done_by_worker()
     assert sum(done.values()) == 60
     assert sum(1 for n in done.values() if n > 0) >= 2, done
-    status = fleet.status()
+    status = agents.status()
     assert status["tasks"]["done"] == 60 and status["tasks"]["queued"] == 0 and status["tasks"]["leased"] == 0
 
 
-def test_kill_9_of_a_worker_mid_job_loses_nothing(fleet):
-    fleet.start_master(ttl=2)
-    victim = fleet.start_worker(concurrency=2)
-    fleet.wait_workers(1)
-    with fleet.client() as client:
+def test_kill_9_of_a_worker_mid_job_loses_nothing(agents):
+    agents.start_master(ttl=2)
+    victim = agents.start_worker(concurrency=2)
+    agents.wait_workers(1)
+    with agents.client() as client:
         job = client.submit("sleep", [[0.1]] * 40, retries=3)
         wait_for(lambda: client.status()["tasks"]["done"] >= 4, 30, "the victim to finish a few tasks")
         assert client.status()["tasks"]["leased"] > 0
         victim.kill_group(signal.SIGKILL)  # the agent and its pool processes
         victim.wait(10)
-        survivor = fleet.start_worker(concurrency=2)
+        survivor = agents.start_worker(concurrency=2)
         results = job.wait()
     check_exactly_once(results, 40)
     assert all(r.ok and r.value == 0.1 for r in results)
     assert any(r.attempts > 1 for r in results), "the victim's leases should have expired with an attempt counted"
-    workers = {w["pid"]: w for w in fleet.status()["workers"]}
+    workers = {w["pid"]: w for w in agents.status()["workers"]}
     assert workers[survivor.pid]["done"] > 0 and workers[survivor.pid]["alive"]
     assert victim.pid not in workers or not workers[victim.pid]["alive"]
     victim_id = victim.text().split(" as ")[1].split()[0]
-    assert f"worker {victim_id} lost: silent for" in fleet.procs[0].text()
+    assert f"worker {victim_id} lost: silent for" in agents.procs[0].text()
 
 
-def test_kill_9_of_the_master_mid_job_loses_nothing(fleet):
-    master = fleet.start_master(ttl=2)
-    workers = [fleet.start_worker(concurrency=2) for _ in range(2)]
-    fleet.wait_workers(2)
-    client = fleet.client(retry_for=60)
+def test_kill_9_of_the_master_mid_job_loses_nothing(agents):
+    master = agents.start_master(ttl=2)
+    workers = [agents.start_worker(concurrency=2) for _ in range(2)]
+    agents.wait_workers(2)
+    client = agents.client(retry_for=60)
     try:
         job = client.submit("sleep", [[0.05]] * 120)
         seen = []
@@ -62,22 +62,22 @@ def test_kill_9_of_the_master_mid_job_loses_nothing(fleet):
             if len(seen) == 20:
                 master.kill_group(signal.SIGKILL)
                 master.wait(10)
-                fleet.start_master(ttl=2)  # same port, same state dir
+                agents.start_master(ttl=2)  # same port, same state dir
         check_exactly_once(seen, 120)
         assert all(r.ok for r in seen)
         assert job.progress()["finished"] and job.info["done"] == 120
     finally:
         client.close()
     assert all(w.alive() for w in workers), "workers carry on after a master restart"
-    fleet.wait_workers(2)
-    assert fleet.status()["tasks"]["done"] == 120
+    agents.wait_workers(2)
+    assert agents.status()["tasks"]["done"] == 120
 
 
-def test_task_timeout_fails_the_task_and_the_worker_carries_on(fleet):
-    fleet.start_master()
-    worker = fleet.start_worker(concurrency=1)
-    fleet.wait_workers(1)
-    with fleet.client() as client:
+def test_task_timeout_fails_the_task_and_the_worker_carries_on(agents):
+    agents.start_master()
+    worker = agents.start_worker(concurrency=1)
+    agents.wait_workers(1)
+    with agents.client() as client:
         (result,) = client.submit("sleep", [[5]], timeout=0.5, retries=0).wait()
         assert not result.ok and "timed out" in result.error and result.attempts == 1
         later = client.submit("square", [[n] for n in range(5)]).wait()
@@ -85,11 +85,11 @@ def test_task_timeout_fails_the_task_and_the_worker_carries_on(fleet):
     assert worker.alive()
 
 
-def test_a_task_that_kills_its_process_fails_after_its_retries(fleet):
-    fleet.start_master("--tasks-module", str(TEST_TASKS))
-    worker = fleet.start_worker("--tasks-module", str(TEST_TASKS), concurrency=1)
-    fleet.wait_workers(1)
-    with fleet.client() as client:
+def test_a_task_that_kills_its_process_fails_after_its_retries(agents):
+    agents.start_master("--tasks-module", str(TEST_TASKS))
+    worker = agents.start_worker("--tasks-module", str(TEST_TASKS), concurrency=1)
+    agents.wait_workers(1)
+    with agents.client() as client:
         (result,) = client.submit("crash", [[]], retries=1).wait()
         assert not result.ok and "worker process died" in result.error and result.attempts == 2
         later = client.submit("square", [[3], [4]]).wait()
@@ -97,21 +97,21 @@ def test_a_task_that_kills_its_process_fails_after_its_retries(fleet):
     assert worker.alive()
 
 
-def _master_and_worker_with_test_tasks(fleet, tmp_path, drain_timeout: str, concurrency: int):
+def _master_and_worker_with_test_tasks(agents, tmp_path, drain_timeout: str, concurrency: int):
     """A master and one worker that know the tests' tasks (`nap` leaves a marker file in
     the returned folder when it starts). Returns (markers folder, worker)."""
     markers = tmp_path / "started"
     markers.mkdir()
-    fleet.start_master("--tasks-module", str(TEST_TASKS))
-    worker = fleet.start_worker("--drain-timeout", drain_timeout, "--tasks-module", str(TEST_TASKS),
+    agents.start_master("--tasks-module", str(TEST_TASKS))
+    worker = agents.start_worker("--drain-timeout", drain_timeout, "--tasks-module", str(TEST_TASKS),
                                 concurrency=concurrency)
-    fleet.wait_workers(1)
+    agents.wait_workers(1)
     return markers, worker
 
 
-def test_drain_on_sigterm_finishes_running_tasks_and_hands_back_the_rest(fleet, tmp_path):
-    markers, draining = _master_and_worker_with_test_tasks(fleet, tmp_path, "20", concurrency=1)
-    with fleet.client() as client:
+def test_drain_on_sigterm_finishes_running_tasks_and_hands_back_the_rest(agents, tmp_path):
+    markers, draining = _master_and_worker_with_test_tasks(agents, tmp_path, "20", concurrency=1)
+    with agents.client() as client:
         # Short tasks first: the worker learns they are quick and prefetches many.
         assert all(r.ok for r in client.submit("sleep", [[0.01]] * 30).wait())
         job = client.submit("nap", [[0.6, str(markers)]] * 10)
@@ -124,14 +124,14 @@ def test_drain_on_sigterm_finishes_running_tasks_and_hands_back_the_rest(fleet, 
         started_by_draining = len(list(markers.iterdir()))
         assert client.status()["tasks"]["done"] == 30 + started_by_draining  # what it started, it finished
         assert started_by_draining < 10
-        other = fleet.start_worker("--tasks-module", str(TEST_TASKS), concurrency=2)
+        other = agents.start_worker("--tasks-module", str(TEST_TASKS), concurrency=2)
         results = job.wait()
     check_exactly_once(results, 10)
     assert all(r.ok and r.attempts == 1 for r in results), "handed back, not lost: no attempt counted"
-    workers = {w["pid"]: w for w in fleet.status()["workers"]}
-    assert draining.pid not in workers  # it said goodbye: no longer part of the fleet
+    workers = {w["pid"]: w for w in agents.status()["workers"]}
+    assert draining.pid not in workers  # it said goodbye: no longer part of the agents
     assert workers[other.pid]["done"] == 10 - started_by_draining
-    assert f"worker {draining.text().split(' as ')[1].split()[0]} left" in fleet.procs[0].text()
+    assert f"worker {draining.text().split(' as ')[1].split()[0]} left" in agents.procs[0].text()
 
 
 TUTORIAL_WORKER = '''
@@ -183,13 +183,13 @@ print(sorted(result.get(timeout=30) for _ in range(10)))
 '''
 
 
-def test_tutorial_worker_and_producer_against_the_master(fleet, tmp_path):
-    fleet.start_master()
+def test_tutorial_worker_and_producer_against_the_master(agents, tmp_path):
+    agents.start_master()
     (tmp_path / "tutorial_worker.py").write_text(TUTORIAL_WORKER)
     (tmp_path / "tutorial_producer.py").write_text(TUTORIAL_PRODUCER)
-    worker = fleet._spawn("tutorial-worker", [str(tmp_path / "tutorial_worker.py"), "127.0.0.1", str(fleet.port),
-                                              str(fleet.key)])
-    produced = subprocess.run([PYTHON, str(tmp_path / "tutorial_producer.py"), str(fleet.port), str(fleet.key)],
+    worker = agents._spawn("tutorial-worker", [str(tmp_path / "tutorial_worker.py"), "127.0.0.1", str(agents.port),
+                                              str(agents.key)])
+    produced = subprocess.run([PYTHON, str(tmp_path / "tutorial_producer.py"), str(agents.port), str(agents.key)],
                               capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert produced.returncode == 0, produced.stderr
     assert produced.stdout.strip() == str(sorted(n * n for n in range(10)))
@@ -197,9 +197,9 @@ def test_tutorial_worker_and_producer_against_the_master(fleet, tmp_path):
     assert "run task 9 * 9" in worker.text()
 
 
-def test_oversized_arguments_are_refused_and_nothing_is_queued(fleet):
-    fleet.start_master("--max-payload", "2000")
-    with fleet.client() as client:
+def test_oversized_arguments_are_refused_and_nothing_is_queued(agents):
+    agents.start_master("--max-payload", "2000")
+    with agents.client() as client:
         with pytest.raises(ValueError, match="over the limit of 1000"):
             client.submit("square", [[1], ["x" * 5000]], max_payload=1000)  # the client's own check
         with pytest.raises(ValueError, match=r"task 1: arguments are \d+ bytes, over the master's limit of 2000"):
@@ -208,11 +208,11 @@ def test_oversized_arguments_are_refused_and_nothing_is_queued(fleet):
     assert status["tasks"]["queued"] == 0 and status["tasks"]["jobs"] == 0
 
 
-def test_oversized_arguments_in_a_later_chunk_queue_nothing(fleet):
+def test_oversized_arguments_in_a_later_chunk_queue_nothing(agents):
     from node import client as client_module
 
-    fleet.start_master()
-    with fleet.client() as client:
+    agents.start_master()
+    with agents.client() as client:
         big = ["x" * 100] * 3
         items = [[1]] * (client_module.CHUNK_TASKS + 5) + [[big * 1000]]
         with pytest.raises(ValueError, match="over the limit"):
@@ -221,11 +221,11 @@ def test_oversized_arguments_in_a_later_chunk_queue_nothing(fleet):
     assert status["tasks"]["queued"] == 0 and status["tasks"]["jobs"] == 0
 
 
-def test_a_result_over_the_limit_is_recorded_failed(fleet):
-    fleet.start_master("--max-payload", "3000", "--tasks-module", str(TEST_TASKS))
-    fleet.start_worker("--tasks-module", str(TEST_TASKS), concurrency=1)
-    fleet.wait_workers(1)
-    with fleet.client() as client:
+def test_a_result_over_the_limit_is_recorded_failed(agents):
+    agents.start_master("--max-payload", "3000", "--tasks-module", str(TEST_TASKS))
+    agents.start_worker("--tasks-module", str(TEST_TASKS), concurrency=1)
+    agents.wait_workers(1)
+    with agents.client() as client:
         small, big = client.submit("blob", [[100], [5000]], retries=0).wait()
     assert small.ok and small.value == b"x" * 100
     assert not big.ok and "over the limit of 3000" in big.error
@@ -238,55 +238,55 @@ def test_a_result_over_the_limit_is_recorded_failed(fleet):
     ("square", [[1], 5], "task 1: arguments must be a list"),
     ("square", [[1], "ab"], "task 1: arguments must be a list"),
 ])
-def test_bad_submissions_are_rejected_and_nothing_is_queued(fleet, task, items, message):
-    fleet.start_master()
-    with fleet.client() as client:
+def test_bad_submissions_are_rejected_and_nothing_is_queued(agents, task, items, message):
+    agents.start_master()
+    with agents.client() as client:
         with pytest.raises(ValueError, match=message):
             client.submit(task, items)
         status = client.status()
     assert status["tasks"]["queued"] == 0 and status["tasks"]["jobs"] == 0
 
 
-def test_failing_task_reports_its_error_after_retries(fleet):
-    fleet.start_master()
-    fleet.start_worker(concurrency=2)
-    fleet.wait_workers(1)
-    with fleet.client() as client:
+def test_failing_task_reports_its_error_after_retries(agents):
+    agents.start_master()
+    agents.start_worker(concurrency=2)
+    agents.wait_workers(1)
+    with agents.client() as client:
         results = client.submit("fail", [["boom"], ["bang"]], retries=2).wait()
     assert [r.ok for r in results] == [False, False]
     assert "RuntimeError: boom" in results[0].error and "RuntimeError: bang" in results[1].error
     assert [r.attempts for r in results] == [3, 3]
 
 
-def test_closing_one_client_leaves_another_working_across_a_master_restart(fleet):
-    master = fleet.start_master()
-    first, second = fleet.client(retry_for=30), fleet.client(retry_for=30)
+def test_closing_one_client_leaves_another_working_across_a_master_restart(agents):
+    master = agents.start_master()
+    first, second = agents.client(retry_for=30), agents.client(retry_for=30)
     try:
         assert first.status()["master"]["pid"] == second.status()["master"]["pid"] == master.pid
         second.close()
         master.kill_group(signal.SIGKILL)
         master.wait(10)
-        again = fleet.start_master()
+        again = agents.start_master()
         assert first.status()["master"]["pid"] == again.pid  # reconnected, not a stale object id
     finally:
         first.close()
 
 
-def test_busy_worker_rejoins_a_restarted_master_promptly(fleet):
+def test_busy_worker_rejoins_a_restarted_master_promptly(agents):
     """While the master is away the pool keeps finishing prefetched tasks; that must not
     run the reconnect backoff up to its 30 s maximum."""
-    master = fleet.start_master()
-    worker = fleet.start_worker(concurrency=2)
-    fleet.wait_workers(1)
-    with fleet.client() as client:
+    master = agents.start_master()
+    worker = agents.start_worker(concurrency=2)
+    agents.wait_workers(1)
+    with agents.client() as client:
         job = client.submit("sleep", [[0.05]] * 150)
         wait_for(lambda: client.status()["tasks"]["done"] >= 20, 30, "some progress")
     master.kill_group(signal.SIGKILL)
     master.wait(10)
     time.sleep(1.5)  # an outage while the pool finishes what it prefetched
-    fleet.start_master()
-    fleet.wait_workers(1, timeout=15)  # the backoff stays small: 0.5, 1, 2, 4 s...
-    with fleet.client() as client:
+    agents.start_master()
+    agents.wait_workers(1, timeout=15)  # the backoff stays small: 0.5, 1, 2, 4 s...
+    with agents.client() as client:
         results = client.job(job.id).wait()
     check_exactly_once(results, 150)
     assert worker.alive()
@@ -297,10 +297,10 @@ def test_busy_worker_rejoins_a_restarted_master_promptly(fleet):
     ([[1], 5], "task 1: arguments must be a list"),
     ([[1], [1, 2]], r"task 1: square\(\) takes 1 argument"),
 ])
-def test_master_itself_rejects_malformed_chunks(fleet, chunk, message):
+def test_master_itself_rejects_malformed_chunks(agents, chunk, message):
     """What a client that skips its own checks sends: the master's checks hold."""
-    fleet.start_master()
-    with fleet.client() as client:
+    agents.start_master()
+    with agents.client() as client:
         with pytest.raises(ValueError, match=message):
             client.call("submit", "some-key", "square", chunk, 0, 2, None, None)
         with pytest.raises(ValueError, match="timeout must be > 0"):
@@ -308,11 +308,11 @@ def test_master_itself_rejects_malformed_chunks(fleet, chunk, message):
         assert client.status()["tasks"]["jobs"] == 0
 
 
-def test_sigterm_master_restart_mid_job_loses_nothing(fleet):
-    master = fleet.start_master(ttl=2)
-    workers = [fleet.start_worker(concurrency=2) for _ in range(2)]
-    fleet.wait_workers(2)
-    with fleet.client(retry_for=60) as client:
+def test_sigterm_master_restart_mid_job_loses_nothing(agents):
+    master = agents.start_master(ttl=2)
+    workers = [agents.start_worker(concurrency=2) for _ in range(2)]
+    agents.wait_workers(2)
+    with agents.client(retry_for=60) as client:
         job = client.submit("sleep", [[0.02]] * 300)
         for _ in range(2):
             wait_for(lambda: client.status()["tasks"]["done"] > 0 and client.status()["tasks"]["leased"] > 0,
@@ -320,50 +320,50 @@ def test_sigterm_master_restart_mid_job_loses_nothing(fleet):
             master.popen.send_signal(signal.SIGTERM)
             assert master.wait(30) == 0
             assert "stopped; state kept" in master.text()
-            master = fleet.start_master(ttl=2)
+            master = agents.start_master(ttl=2)
         results = job.wait()
     check_exactly_once(results, 300)
     assert all(r.ok for r in results)
     assert all(w.alive() for w in workers)
-    fleet.wait_workers(2)
+    agents.wait_workers(2)
 
 
-def test_drain_timeout_hands_back_the_running_tasks(fleet, tmp_path):
-    markers, slow = _master_and_worker_with_test_tasks(fleet, tmp_path, "0.5", concurrency=2)
-    with fleet.client() as client:
+def test_drain_timeout_hands_back_the_running_tasks(agents, tmp_path):
+    markers, slow = _master_and_worker_with_test_tasks(agents, tmp_path, "0.5", concurrency=2)
+    with agents.client() as client:
         job = client.submit("nap", [[2, str(markers)]] * 4, retries=0)
         wait_for(lambda: len(list(markers.iterdir())) == 2, 30, "both pool processes to start a task")
         slow.popen.send_signal(signal.SIGTERM)
         assert slow.wait(20) == 0
         assert "drain timeout" in slow.text()
         assert client.status()["tasks"]["done"] == 0
-        fleet.start_worker("--tasks-module", str(TEST_TASKS), concurrency=4)
+        agents.start_worker("--tasks-module", str(TEST_TASKS), concurrency=4)
         results = job.wait()
     check_exactly_once(results, 4)
     assert all(r.ok and r.attempts == 1 for r in results), [(r.error, r.attempts) for r in results]
 
 
-def _fresh_master_while_two_tasks_run(fleet, tmp_path, seconds: float, timeout: float):
+def _fresh_master_while_two_tasks_run(agents, tmp_path, seconds: float, timeout: float):
     """Two `sleep` tasks leased by a 2-process worker, then the master is killed and
     comes back on an empty state dir. Returns the worker."""
-    master = fleet.start_master()
-    worker = fleet.start_worker(concurrency=2)
-    fleet.wait_workers(1)
-    with fleet.client() as client:
+    master = agents.start_master()
+    worker = agents.start_worker(concurrency=2)
+    agents.wait_workers(1)
+    with agents.client() as client:
         client.submit("sleep", [[seconds]] * 2, timeout=timeout, retries=0)
         wait_for(lambda: client.status()["tasks"]["leased"] == 2, 30, "both tasks leased")
     master.kill_group(signal.SIGKILL)
     master.wait(10)
-    fleet.start_master(state_dir=tmp_path / "fresh")
-    fleet.wait_workers(1)
+    agents.start_master(state_dir=tmp_path / "fresh")
+    agents.wait_workers(1)
     return worker
 
 
-def test_worker_survives_a_master_restarted_on_a_fresh_state_dir(fleet, tmp_path):
+def test_worker_survives_a_master_restarted_on_a_fresh_state_dir(agents, tmp_path):
     """Operator error: the master comes back with an empty ledger while workers still
     hold (and then fail) tasks it never issued. The workers must not wedge."""
-    worker = _fresh_master_while_two_tasks_run(fleet, tmp_path, seconds=8, timeout=4)
-    with fleet.client() as client:
+    worker = _fresh_master_while_two_tasks_run(agents, tmp_path, seconds=8, timeout=4)
+    with agents.client() as client:
         status = client.status()
         assert status["tasks"]["queued"] == 0 and status["tasks"]["leased"] == 0, status["tasks"]
         assert status["tasks"]["open_jobs"] == 0, "the fresh ledger knows nothing of the old job"
@@ -373,22 +373,22 @@ def test_worker_survives_a_master_restarted_on_a_fresh_state_dir(fleet, tmp_path
     assert worker.alive() and "Traceback" not in worker.text()
 
 
-def test_results_from_a_lost_ledger_never_land_on_new_tasks(fleet, tmp_path):
+def test_results_from_a_lost_ledger_never_land_on_new_tasks(agents, tmp_path):
     """A master back on a fresh state dir issues task ids again from 1: a worker still
     running old tasks 1 and 2 must not report them as the new tasks 1 and 2."""
-    worker = _fresh_master_while_two_tasks_run(fleet, tmp_path, seconds=3, timeout=30)
-    with fleet.client() as client:
+    worker = _fresh_master_while_two_tasks_run(agents, tmp_path, seconds=3, timeout=30)
+    with agents.client() as client:
         results = client.submit("square", [[10], [11]]).wait()  # ids 1 and 2 again
     assert [(r.ok, r.value) for r in results] == [(True, 100), (True, 121)]
     assert worker.alive()
     wait_for(lambda: "ledger changed" in worker.text(), 10, "the worker to say it dropped the old tasks")
 
 
-def test_pool_processes_exit_when_their_agent_is_killed(fleet):
+def test_pool_processes_exit_when_their_agent_is_killed(agents):
     """kill -9 of the agent alone (not its group): its idle pool processes must not linger."""
-    fleet.start_master()
-    worker = fleet.start_worker(concurrency=3)
-    fleet.wait_workers(1)
+    agents.start_master()
+    worker = agents.start_worker(concurrency=3)
+    agents.wait_workers(1)
     children = [int(p) for p in subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True,
                                                text=True).stdout.split()]
     assert len(children) == 3
