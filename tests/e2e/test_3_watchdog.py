@@ -7,9 +7,14 @@ it afterwards, restarting the worker so that it runs with the deployed unit agai
 
 from __future__ import annotations
 
-import time
 
 import pytest
+
+from functools import partial
+
+from tests import waiting
+
+wait_for = partial(waiting.wait_for, interval=0.5)  # each look is an SSH round trip
 
 UNIT = "taskfleet-worker"
 DROP_IN_DIR = f"/run/systemd/system/{UNIT}.service.d"
@@ -17,17 +22,6 @@ DROP_IN = f"{DROP_IN_DIR}/50-e2e-watchdog.conf"
 WATCHDOG_SEC = 4
 RESTART_SEC = 5  # taskfleet_restart_sec
 MARGIN = 30  # killing the frozen process, starting Python, READY=1
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.5)
 
 
 def show(h) -> dict:
@@ -58,15 +52,15 @@ def short_watchdog(cluster, worker_hosts):
     finally:
         h.run(f"rm -f {DROP_IN} && rmdir --ignore-fail-on-non-empty {DROP_IN_DIR}")
         h.run(f"systemctl daemon-reload && systemctl reset-failed {UNIT}; systemctl restart {UNIT}")
-        wait_until(lambda: running(h), 60, f"{UNIT} to run as deployed again")
+        wait_for(lambda: running(h), 60, f"{UNIT} to run as deployed again")
 
 
 def test_a_frozen_worker_is_restarted_by_the_watchdog_and_rejoins(short_watchdog, client):
     node, h = short_watchdog
-    before = wait_until(lambda: running(h), 60, f"{UNIT} to run with the short watchdog")
+    before = wait_for(lambda: running(h), 60, f"{UNIT} to run with the short watchdog")
     assert before["WatchdogUSec"] == f"{WATCHDOG_SEC}s"
     frozen = int(before["MainPID"])
-    wait_until(lambda: joined(client, node.hostname, frozen), 60, f"the worker on {node.hostname} to join")
+    wait_for(lambda: joined(client, node.hostname, frozen), 60, f"the worker on {node.hostname} to join")
     since = h.check_output("date +%s")
 
     def restarted():
@@ -76,12 +70,12 @@ def test_a_frozen_worker_is_restarted_by_the_watchdog_and_rejoins(short_watchdog
         return None
 
     h.check_output(f"kill -STOP {frozen}")
-    after = wait_until(restarted, WATCHDOG_SEC + RESTART_SEC + MARGIN, f"systemd to restart the frozen pid {frozen}")
+    after = wait_for(restarted, WATCHDOG_SEC + RESTART_SEC + MARGIN, f"systemd to restart the frozen pid {frozen}")
 
     journal = h.check_output(f"journalctl -u {UNIT} --since @{since} --no-pager -o cat")
     assert "Watchdog timeout" in journal, journal[-3000:]
     assert not h.run(f"test -d /proc/{frozen}").succeeded, "the frozen process is gone"
     new = int(after["MainPID"])
-    wait_until(lambda: joined(client, node.hostname, new), 60, f"the restarted worker (pid {new}) to rejoin")
+    wait_for(lambda: joined(client, node.hostname, new), 60, f"the restarted worker (pid {new}) to rejoin")
     results = client.submit("square", [(n,) for n in range(20)]).wait()
     assert [r.value for r in results] == [n * n for n in range(20)]
