@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import os
 import socket
@@ -32,6 +33,7 @@ from node.config import (
     parse_choice,
     parse_count,
     parse_duration,
+    parse_metrics_listen,
     parse_size,
     read_authkey,
     setup_logging,
@@ -85,6 +87,9 @@ RETENTION = Setting("--retention", "TASKFLEET_RETENTION", "7d", parse_duration, 
                     "finished jobs are kept this long, then pruned")
 MAX_JOBS = Setting("--max-jobs", "TASKFLEET_MAX_JOBS", "10000", parse_count, "N",
                    "at most this many finished jobs are kept, the oldest pruned first")
+METRICS_LISTEN = Setting("--metrics-listen", "TASKFLEET_METRICS_LISTEN", "127.0.0.1:9464", parse_metrics_listen,
+                         "HOST:PORT", "where to serve Prometheus /metrics and the dashboard (/); off: nowhere; "
+                         "port 0: any free port (shown by status)")
 CONCURRENCY = Setting("--concurrency", "TASKFLEET_CONCURRENCY", None, lambda t: parse_count(t, minimum=0) or None,
                       "N", "processes in the pool; default (or 0): one per CPU")
 DRAIN_TIMEOUT = Setting("--drain-timeout", "TASKFLEET_DRAIN_TIMEOUT", "30s",
@@ -94,7 +99,7 @@ TIMEOUT = Setting("--timeout", None, None, parse_duration, "DURATION", "how long
 RETRIES = Setting("--retries", None, None, lambda t: parse_count(t, minimum=0), "N",
                   "attempts after the first for a failing task (default 2)")
 SETTINGS = (LOG_LEVEL, AUTHKEY_FILE, MASTER, LISTEN, STATE_DIR, WORKER_TTL, MAX_PAYLOAD, DURABILITY, RETENTION,
-            MAX_JOBS, CONCURRENCY, DRAIN_TIMEOUT, TIMEOUT, RETRIES)
+            MAX_JOBS, METRICS_LISTEN, CONCURRENCY, DRAIN_TIMEOUT, TIMEOUT, RETRIES)
 
 VALUE_RULES = f"DURATION: {DURATION_RULES}. SIZE: {SIZE_RULES}."
 
@@ -137,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "master", "serve the task queue and the ledger",
                     "Run the master: accepts jobs, leases tasks to workers, stores results.",
-                    LISTEN, STATE_DIR, AUTHKEY_FILE, WORKER_TTL, MAX_PAYLOAD, DURABILITY, RETENTION, MAX_JOBS)
+                    LISTEN, STATE_DIR, AUTHKEY_FILE, WORKER_TTL, MAX_PAYLOAD, DURABILITY, RETENTION, MAX_JOBS,
+                    METRICS_LISTEN)
     _add_modules(p)
 
     p = _subcommand(sub, "worker", "run tasks leased from the master",
@@ -157,12 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "status", "show the master's view of the fleet", None, MASTER, AUTHKEY_FILE)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true",
+                   help="show it again every --interval, with rates, until Ctrl-C (redrawn in place on a terminal)")
+    p.add_argument("--interval", type=_interval, default=2.0, metavar="SECONDS",
+                   help="with --watch: seconds between two looks (default 2)")
 
     p = _subcommand(sub, "results", "show a job's results", None, MASTER, AUTHKEY_FILE)
     p.add_argument("job", type=int, metavar="JOB_ID")
     p.add_argument("--json", action="store_true", help="one JSON object per task result")
     p.add_argument("--wait", action="store_true", help="wait until every task has a result")
+    p.add_argument("--failed", action="store_true", help="only the tasks that failed")
     return parser
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.1 to 3600")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -234,12 +255,12 @@ def _progress(job, done: int, failed: int, started: float) -> None:
     sys.stderr.flush()
 
 
-def _follow(job, as_json: bool, wait: bool) -> int:
+def _follow(job, as_json: bool, wait: bool, failed_only: bool = False) -> int:
     """Stream a job's results; print a per-host summary. Exit 1 if any task failed."""
-    tty = sys.stderr.isatty() and wait
+    tty = sys.stderr.isatty() and wait and not failed_only
     started, hosts, failures, count = time.monotonic(), Counter(), [], 0
     last_draw = 0.0
-    for result in job.results(wait=wait):
+    for result in job.results(wait=wait, failed_only=failed_only):
         count += 1
         hosts[result.host] += 1
         if not result.ok:
@@ -252,7 +273,14 @@ def _follow(job, as_json: bool, wait: bool) -> int:
     if tty:
         _progress(job, count, len(failures), started)
         sys.stderr.write("\n")
-    if not as_json:
+    if failed_only and not as_json:
+        info = job.info
+        print(f"job {job.id} ({job.task}): {len(failures)} failed of {info.get('total', '?')} task(s)"
+              f"{'' if info.get('finished') else ', the job is still running'}")
+        for result in sorted(failures, key=lambda r: r.index):
+            print(f"  task {result.index} failed after {result.attempts} attempt(s) on {result.host or '(no host)'}: "
+                  f"{_first_line(result.error)}")
+    elif not as_json:
         total = job.info.get("total", count)
         print(f"job {job.id} ({job.task}): {count}/{total} results, {count - len(failures)} ok, {len(failures)} failed")
         for host, n in sorted(hosts.items(), key=lambda kv: (-kv[1], str(kv[0]))):
@@ -262,28 +290,89 @@ def _follow(job, as_json: bool, wait: bool) -> int:
     return EXIT_FAILED_TASKS if failures else 0
 
 
+def _first_line(text) -> str:
+    lines = [line for line in str(text or "").splitlines() if line.strip()]
+    return lines[0].strip() if lines else ""
+
+
 def _ago(seconds) -> str:
     if seconds is None:
         return "-"
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
-def print_status(status: dict) -> None:
+def print_status(status: dict, rates: dict | None = None) -> None:
+    for line in status_lines(status, rates):
+        print(line)
+
+
+def status_lines(status: dict, rates: dict | None = None) -> list[str]:
+    """The status as text lines; with `rates` (worker id -> results/s) a RATE column."""
     m, t = status["master"], status["tasks"]
-    print(f"master {m['address']} (taskfleet {m['version']}, up {m['uptime']:.0f} s)")
-    print(f"tasks  {t['queued']} queued, {t['leased']} leased, {t['done']} done, {t['failed']} failed; "
-          f"{t['open_jobs']} open job(s) of {t['jobs']} kept; throughput {status['throughput']} tasks/s (last 10 s)")
-    rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE")]
+    lines = [f"master {m['address']} (taskfleet {m['version']}, up {m['uptime']:.0f} s)"
+             + (f", dashboard http://{m['metrics']}/" if m.get("metrics") else ""),
+             f"tasks  {t['queued']} queued, {t['leased']} leased, {t['done']} done, {t['failed']} failed; "
+             f"{t['open_jobs']} open job(s) of {t['jobs']} kept; throughput {status['throughput']} tasks/s (last 10 s)"]
+    rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE") + (("RATE",) if rates is not None else ())]
     for w in status["workers"]:
         state = "alive" if w["alive"] else w["state"]
-        rows.append((w["host"], w["id"], str(w["pid"]), str(w["concurrency"]), state, _ago(w["last_seen_ago"]),
-                     str(w["done"])))
+        row = (w["host"], w["id"], str(w["pid"]), str(w["concurrency"]), state, _ago(w["last_seen_ago"]),
+               str(w["done"]))
+        if rates is not None:
+            row += (f"{rates[w['id']]:.1f}/s" if w["id"] in rates else "-",)
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"workers  {sum(1 for w in status['workers'] if w['alive'])} alive")
+    lines.append(f"workers  {sum(1 for w in status['workers'] if w['alive'])} alive")
     for row in rows:
-        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     for peer in status.get("rejected", []):
-        print(f"refused  {peer['host']}: {peer['count']} time(s), last {_ago(peer['seconds_ago'])}: {peer['reason']}")
+        lines.append(f"refused  {peer['host']}: {peer['count']} time(s), last {_ago(peer['seconds_ago'])}: "
+                     f"{peer['reason']}")
+    return lines
+
+
+def _watch(args) -> int:
+    """`status --watch`: the status every --interval, with each worker's rate (results/s
+    between two looks); redrawn in place on a terminal, else plain tables separated by a
+    blank line (with --json: one object per line). Runs until Ctrl-C, exit 0."""
+    from node.client import Client
+
+    tty = sys.stdout.isatty() and not args.json
+    client = Client.connect(_master_address(args), args.authkey_file, retry_for=0)  # fails now if unreachable
+    before = None  # (monotonic, {worker id: done}) at the previous look
+    try:
+        for frame in itertools.count():
+            now = time.monotonic()
+            try:
+                status = client.status()
+            except (MasterUnavailable, StorageError, RemoteError) as exc:
+                status, lines = {"error": str(exc)}, [f"{exc} (retrying)"]
+            else:
+                done = {w["id"]: w["done"] for w in status["workers"]}
+                rates = {}
+                if before is not None and now > before[0]:
+                    rates = {w: max(0, n - before[1][w]) / (now - before[0]) for w, n in done.items() if w in before[1]}
+                before = (now, done)
+                lines = status_lines(status, rates)
+            lines.insert(0, f"taskfleet status at {time.strftime('%H:%M:%S')}, every {args.interval:g} s "
+                            "(Ctrl-C to stop)")
+            if args.json:
+                text = json.dumps(status) + "\n"
+            elif tty:  # cursor home (the screen cleared the first time), each line cleared to its end, then the rest
+                text = "\x1b[H" + ("" if frame else "\x1b[2J") + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J"
+            else:
+                text = ("\n" if frame else "") + "\n".join(lines) + "\n"
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            time.sleep(max(0.0, args.interval - (time.monotonic() - now)))
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `status --watch | head`: nobody reads any more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 0
+    finally:
+        client.close()
+    return 0
 
 
 def main(argv=None) -> int:
@@ -317,7 +406,7 @@ def _run_master(args) -> int:
     try:
         return run_master(args.listen, key, args.state_dir, _modules(args), worker_ttl=args.worker_ttl,
                           max_payload=args.max_payload, durability=args.durability, retention=args.retention,
-                          max_jobs=args.max_jobs)
+                          max_jobs=args.max_jobs, metrics_listen=args.metrics_listen)
     except OSError as exc:
         if exc.filename is not None or not (isinstance(exc, socket.gaierror) or exc.errno in LISTEN_ERRORS):
             raise  # not the listening socket's
@@ -356,6 +445,8 @@ def _run(args) -> int:
                 print(job.id)
                 return 0
             return _follow(job, args.json, wait=True)
+    if args.command == "status" and args.watch:
+        return _watch(args)
     if args.command == "status":
         with _client(args) as client:
             status = client.status()
@@ -366,5 +457,5 @@ def _run(args) -> int:
         return 0
     if args.command == "results":
         with _client(args) as client:
-            return _follow(client.job(args.job), args.json, wait=args.wait)
+            return _follow(client.job(args.job), args.json, wait=args.wait, failed_only=args.failed)
     raise AssertionError(args.command)

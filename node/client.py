@@ -25,7 +25,7 @@ from node.errors import MasterUnavailable, StorageError
 CHUNK_TASKS = 5000
 CHUNK_BYTES = 4 * 1024 * 1024
 RESULTS_PAGE = 1000
-LINGER = 0.02  # seconds between result polls while a job runs
+LINGER = 0.01  # seconds between result polls while a job runs
 
 
 class PayloadTooLarge(ValueError):
@@ -185,11 +185,13 @@ class Job:
             raise LookupError(f"job {self.id} is gone: the master at {format_address(self.client.address)} "
                               "was restarted on a new ledger (a fresh state dir)")
 
-    def results(self, wait: bool = True, poll: float = 5.0) -> Iterator[Result]:
-        """Results in completion order; with `wait`, until every task has one."""
+    def results(self, wait: bool = True, poll: float = 5.0, failed_only: bool = False) -> Iterator[Result]:
+        """Results in completion order (with `failed_only`, the failures only); with
+        `wait`, until every task has one."""
         after = 0
         while True:
-            reply = self.client.call("results", self.id, after, RESULTS_PAGE, poll if wait else 0.0)
+            call = ("results", self.id, after, RESULTS_PAGE, poll if wait else 0.0) + ((True,) if failed_only else ())
+            reply = self.client.call(*call)
             self._same_ledger(reply["instance"])
             self.info = reply["job"]
             rows = reply["rows"]
@@ -197,10 +199,12 @@ class Job:
                 after = seq
                 yield Result(self.id, index, bool(ok), pickle.loads(value) if ok else None, error, host,
                              attempts, duration)
-            if not rows and (self.info["finished"] or not wait):
+            skipped = reply.get("next", after) > after  # failed_only: read past results that were not failures
+            after = max(after, reply.get("next", after))
+            if not rows and not skipped and (self.info["finished"] or not wait):
                 return
-            if wait and len(rows) < RESULTS_PAGE:
-                time.sleep(LINGER)  # let results gather: fewer, fuller calls
+            if wait and len(rows) < RESULTS_PAGE and not self.info["finished"]:
+                time.sleep(LINGER)  # let results gather: fewer, fuller calls (a finished job has them all)
 
     def wait(self) -> list[Result]:
         """Every result, in task order."""

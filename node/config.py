@@ -16,6 +16,7 @@ import tempfile
 from fractions import Fraction
 
 DEFAULT_PORT = 5000
+DEFAULT_METRICS_PORT = 9464  # Prometheus' registry of default ports: free for an exporter like this one
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # bytes of one task's pickled arguments (or result)
 
 
@@ -23,8 +24,10 @@ class ConfigError(Exception):
     """A problem the operator must fix (bad flag, unreadable key): exit code 2, no restart loop."""
 
 
-def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
-    """'HOST:PORT', ':PORT' or 'HOST' -> (host, port); IPv6 as '[::1]:5000'."""
+def parse_address(text: str, default_host: str = "", default_port: int = DEFAULT_PORT,
+                  any_port: bool = False) -> tuple[str, int]:
+    """'HOST:PORT', ':PORT' or 'HOST' -> (host, port); IPv6 as '[::1]:5000'. With
+    `any_port`, port 0 (any free one) is allowed too."""
     text = text.strip()
     if not text:
         raise ConfigError("empty address: expected HOST:PORT")
@@ -37,13 +40,22 @@ def parse_address(text: str, default_host: str = "") -> tuple[str, int]:
         raise ConfigError(f"bad address {text!r}: write IPv6 addresses as [ADDR]:PORT")
     else:
         host, port = text, ""
+    lowest = 0 if any_port else 1
     if not port:
-        port_number = DEFAULT_PORT
-    elif port.isdigit() and 0 < int(port) < 65536:
+        port_number = default_port
+    elif port.isdigit() and lowest <= int(port) < 65536:
         port_number = int(port)
     else:
-        raise ConfigError(f"bad port in address {text!r}: expected a number from 1 to 65535")
+        raise ConfigError(f"bad port in address {text!r}: expected a number from {lowest} to 65535")
     return (host or default_host, port_number)
+
+
+def parse_metrics_listen(text: str) -> tuple[str, int] | None:
+    """Where the master serves /metrics and its dashboard: 'off' -> None; 'HOST:PORT',
+    ':PORT' (loopback) or 'HOST' (port 9464); port 0 picks a free port."""
+    if text.strip().lower() in ("", "off"):
+        return None
+    return parse_address(text, default_host="127.0.0.1", default_port=DEFAULT_METRICS_PORT, any_port=True)
 
 
 def format_address(address: tuple[str, int]) -> str:

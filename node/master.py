@@ -23,6 +23,7 @@ from node.config import DEFAULT_MAX_PAYLOAD, format_address
 from node.scheduler import Scheduler
 from node.server import Server, Service
 from node.errors import Incompatible, RejectedJob, StorageError
+from node.metrics import Telemetry, clean, first_line, serve_metrics
 from node.store import Store
 from node.tasks import Registry, UnknownTask
 
@@ -38,6 +39,7 @@ THROUGHPUT_WINDOW = 10.0  # seconds: status shows the current rate
 STATUS_LOST_FOR = 3600.0  # seconds a lost worker still shows in status
 CLASSIC_QUEUE_SIZE = 100_000  # items in each of the tutorial's queues at most
 HOUSEKEEPING_EVERY = 30.0  # seconds between retention and expiry passes
+FAILED_SCAN_PAGES = 50  # pages of results `results(failed_only=True)` reads at most per call
 
 WORKER_CALLS = ("hello", "heartbeat", "goodbye", "lease", "complete", "release")
 CLIENT_CALLS = ("submit", "withdraw", "job", "results", "status")
@@ -61,6 +63,9 @@ class Master:
         self.server: Server | None = None  # set by run_master: status shows refused peers
         self.completions: collections.deque = collections.deque()  # (monotonic, count)
         self.housekept = 0.0
+        self.telemetry = Telemetry()  # run times, history, recent failures (metrics.py)
+        self.metrics_address: str | None = None  # where /metrics and the dashboard are served
+        scheduler.on_report = self._reported
 
     # -- workers ---------------------------------------------------------------------
 
@@ -103,10 +108,29 @@ class Master:
         if instance is not None and instance != self.store.instance:
             return None
         self.scheduler.touch(worker)
-        stored = self.scheduler.complete(worker, host, [self._outcome(worker, o) for o in _as_list(outcomes)])
+        checked = [self._outcome(worker, o) for o in _as_list(outcomes)]
+        stored = self.scheduler.complete(worker, host, checked)
         if stored:
             self.completions.append((time.monotonic(), stored))
+        self.telemetry.outcomes(checked)
         return stored
+
+    def _reported(self, host, failed: list, finished: list) -> None:
+        """After a report is stored (see Scheduler.on_report): one line per failed attempt
+        and per finished job, never one per success."""
+        try:
+            for job_id, index, attempts, max_attempts, error in failed:
+                error = first_line(error)
+                log.info("job %s task %s failed on %s, attempt %d of %d%s: %s", job_id, index, clean(host), attempts,
+                         max_attempts, "" if attempts >= max_attempts else ", to be retried", error)
+                self.telemetry.failure(job_id, index, host, attempts, max_attempts, error)
+            for job_id in finished:
+                job = self.store.job(job_id)
+                if job is not None:
+                    log.info("job %s finished: %d done, %d failed of %d %s task(s) in %.1f s", job_id, job["done"],
+                             job["failed"], job["total"], job["task"], max(0.0, time.time() - job["created"]))
+        except Exception as exc:  # never fail a call that stored its results
+            log.warning("cannot log a report: %s", exc)
 
     def _outcome(self, worker: str, outcome) -> tuple:
         """A well-formed outcome; a malformed one becomes a failed attempt that says why."""
@@ -189,26 +213,54 @@ class Master:
         return job
 
     def _missing(self, job_id: int) -> str:
-        if 0 < job_id <= self.store.highest_job():
+        if self.store.first_job <= job_id <= self.store.highest_job():
             return (f"job {job_id} is no longer on this master: finished jobs are kept for "
                     f"{self.retention / 86400:g} day(s) and {self.max_jobs} at most (--retention, --max-jobs), "
                     f"and a job whose upload was abandoned or refused is withdrawn")
         return f"no job {job_id} on this master"
 
-    def results(self, job_id: int, after: int = 0, limit: int = 1000, wait: float = 0.0) -> dict:
+    def results(self, job_id: int, after: int = 0, limit: int = 1000, wait: float = 0.0,
+                failed_only: bool = False) -> dict:
         """Results of a job after sequence number `after` (a page bounded in count and
         bytes), the job's counts and the ledger's instance. With `wait`, blocks up to
-        that long for at least one new result."""
+        that long for at least one new result. With `failed_only`, only the failures,
+        and "next": the sequence number read up to (ask again after it: a page may hold
+        none)."""
+        after, limit = int(after), max(1, min(int(limit), 10000))
+        scheduler = self.scheduler
+        changes = scheduler.changes  # read before looking: a commit from now on ends the wait below at once
         job = self.job(job_id)
-        rows = self.store.results(job["id"], int(after), max(1, min(int(limit), 10000)))
+        rows, scanned = self._results_page(job, after, limit, failed_only)
         deadline = time.monotonic() + min(float(wait), MAX_WAIT)
-        changed = self.scheduler.changed
-        while not rows and not job["finished"] and not self.stopping and time.monotonic() < deadline:
-            with changed:
-                changed.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            rows = self.store.results(job["id"], int(after), max(1, min(int(limit), 10000)))
-            job = self.job(job_id)
-        return {"rows": rows, "job": job, "instance": self.store.instance}
+        while not rows and scanned == after and not job["finished"] and not self.stopping \
+                and time.monotonic() < deadline:
+            with scheduler.changed:
+                scheduler.changed.wait_for(lambda seen=changes: scheduler.changes != seen,
+                                           timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                changes = scheduler.changes
+            job = self.job(job_id)  # before the rows: a job read finished has all its results in them
+            rows, scanned = self._results_page(job, after, limit, failed_only)
+        reply = {"rows": rows, "job": job, "instance": self.store.instance}
+        if failed_only:
+            reply["next"] = scanned
+        return reply
+
+    def _results_page(self, job: dict, after: int, limit: int, failed_only: bool) -> tuple:
+        """(rows, the last sequence number read)."""
+        if failed_only and job["finished"] and not job["failed"]:
+            return [], after
+        rows = self.store.results(job["id"], after, limit)
+        if not failed_only:
+            return rows, rows[-1][0] if rows else after
+        for _ in range(FAILED_SCAN_PAGES):
+            if not rows:
+                break
+            after = rows[-1][0]
+            failed = [row for row in rows if not row[2]]
+            if failed:
+                return failed, after
+            rows = self.store.results(job["id"], after, limit)
+        return [], after
 
     def status(self) -> dict:
         now, mono = time.time(), time.monotonic()
@@ -234,7 +286,8 @@ class Master:
         return {
             "master": {"address": self.address, "version": __version__, "pid": os.getpid(),
                        "uptime": round(now - self.started, 1), "state": str(self.store.path),
-                       "durability": self.store.durability, "instance": self.store.instance},
+                       "durability": self.store.durability, "instance": self.store.instance,
+                       "metrics": self.metrics_address},
             "tasks": self.scheduler.counts(),
             "throughput": round(recent / window, 1),
             "workers": workers,
@@ -255,7 +308,9 @@ class Master:
                 continue
             log.warning("worker %s lost: silent for %.0f s; %d task(s) it held are pending again",
                         worker, silent, held)
+            self.telemetry.leases_expired += held
         self.scheduler.end_reclaim()
+        self.telemetry.sample(self)
         mono = time.monotonic()
         while self.completions and self.completions[0][0] < mono - THROUGHPUT_WINDOW:
             self.completions.popleft()
@@ -287,7 +342,8 @@ def _as_list(value) -> list:
 
 def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_modules=(),
                worker_ttl: float = 10.0, max_payload: int = DEFAULT_MAX_PAYLOAD, durability: str = "full",
-               retention: float = DEFAULT_RETENTION, max_jobs: int = DEFAULT_MAX_JOBS) -> int:
+               retention: float = DEFAULT_RETENTION, max_jobs: int = DEFAULT_MAX_JOBS,
+               metrics_listen: tuple[str, int] | None = None) -> int:
     registry = Registry(tasks_modules)
     store = Store(state_dir, durability)
     scheduler = Scheduler(store, worker_ttl)
@@ -298,6 +354,7 @@ def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_mo
     server = Server(listen, authkey, [Service("master", master, frozenset(WORKER_CALLS + CLIENT_CALLS), "get_master"),
                                       *classic])
     master.server = server
+    master.telemetry.enabled = metrics_listen is not None
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -310,6 +367,7 @@ def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_mo
     log.info("taskfleet master %s listening on %s, state in %s (durability %s), %d task(s) queued, tasks: %s",
              __version__, format_address(server.address), store.path, durability, scheduler.queued,
              ", ".join(registry.names()))
+    metrics = serve_metrics(master, metrics_listen) if metrics_listen is not None else None
     systemd.notify("READY=1", f"STATUS=serving on {format_address(server.address)}")
     while not stop.wait(1.0):
         try:
@@ -320,6 +378,8 @@ def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_mo
             systemd.notify("WATCHDOG=1")
     systemd.notify("STOPPING=1")
     master.stopping = True
+    if metrics is not None:
+        metrics.stop()
     scheduler.halt()  # long polls return now
     server.stop()
     store.close()

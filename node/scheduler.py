@@ -65,6 +65,8 @@ class _Plan:
     drops: list = field(default_factory=list)  # task ids whose lease ends
     settled: collections.Counter = field(default_factory=collections.Counter)  # job id -> results added
     seen: set = field(default_factory=set)  # task ids decided in this plan (first outcome wins)
+    failed: list = field(default_factory=list)  # (job id, index, attempts, max attempts, error): failed attempts
+    finished: list = field(default_factory=list)  # job ids this plan finished (set once committed)
 
 
 class Scheduler:
@@ -86,6 +88,10 @@ class Scheduler:
         self.outstanding = 0  # tasks of unfinished jobs without a result
         self.seen: dict[str, float] = {}  # live worker -> monotonic time last heard from
         self.halted = False  # the master is stopping: long polls return
+        self.changes = 0  # counts notifications of `changed`: a waiter sees one it was not yet waiting for
+        self.retried = 0  # failed attempts queued again, ever (a counter for metrics)
+        # Told f(host, failed, finished) (see _Plan) after a report is stored, lock released.
+        self.on_report = None
         self._load()
         # Workers alive when the master last stopped: until they are back (or a TTL has
         # passed) nothing is leased, so tasks they still run are not handed out twice.
@@ -137,6 +143,7 @@ class Scheduler:
         return self.outstanding - len(self.leases)
 
     def _notify(self) -> None:
+        self.changes += 1
         self.changed.notify_all()
 
     # -- jobs ------------------------------------------------------------------------
@@ -144,6 +151,7 @@ class Scheduler:
     def submit(self, key: str, task: str, timeout: float, max_attempts: int, first_index: int, blobs: list,
                seal_total: int | None) -> int:
         """Store a chunk (see Store.store_chunk), then queue what it added. Returns the job id."""
+        finished = []
         with self.lock:
             row, added, sealed = self.store.store_chunk(key, task, timeout, max_attempts, first_index, blobs,
                                                         seal_total, time.time())
@@ -160,7 +168,10 @@ class Scheduler:
                 job.touched = time.monotonic()
                 if job.finished:  # an empty job, or one whose tasks all ran before it was sealed
                     self._forget(row.id)
+                    finished = [row.id]
             self._notify()
+        if self.on_report is not None and finished:
+            self.on_report(None, [], finished)
         return row.id
 
     def withdraw(self, job_id: int) -> int:
@@ -300,7 +311,10 @@ class Scheduler:
                                  (task_id, index, True, value, None, self.failures.get(task_id, 0) + 1, duration))
                 elif self.leases.get(task_id) == worker:
                     self._plan_failure(plan, batch, job, task_id, error, duration)
-            return self._commit(plan, host, worker)
+            stored = self._commit(plan, host, worker)
+        if self.on_report is not None and (plan.failed or plan.finished):
+            self.on_report(host, plan.failed, plan.finished)
+        return stored
 
     def _settle(self, plan: _Plan, batch: Batch, task_id: int, index: int, row: tuple) -> None:
         plan.rows[batch.job_id].append(row)
@@ -312,6 +326,7 @@ class Scheduler:
         plan.seen.add(task_id)
         plan.drops.append(task_id)
         attempts = self.failures.get(task_id, 0) + 1
+        plan.failed.append((batch.job_id, batch.index(task_id), attempts, job.max_attempts, error))
         if attempts < job.max_attempts:
             plan.attempts.append((task_id, attempts, error))
         else:
@@ -327,6 +342,8 @@ class Scheduler:
         else:
             stored = 0
         # Committed: now memory.
+        plan.finished = finished
+        self.retried += len(plan.attempts)
         for task_id in plan.drops:
             self._drop_lease(task_id)
         for task_id, attempts, _error in plan.attempts:
@@ -389,6 +406,8 @@ class Scheduler:
             self.seen.pop(worker, None)
             self.held.pop(worker, None)
             self._notify()
+        if self.on_report is not None and plan.finished:  # its failed attempts: one line in the master's log
+            self.on_report(None, [], plan.finished)
         return len(held)
 
     def silent(self) -> list:

@@ -80,6 +80,7 @@ class Server:
         self.idle = threading.Condition(self.lock)
         self.stopping = False
         self.rejections: dict[str, _Rejections] = {}  # peer host -> refused handshakes
+        self.refused = 0  # refused peers, ever (a counter for metrics: `rejections` forgets hosts)
         self.thread: threading.Thread | None = None
 
     # -- accepting -------------------------------------------------------------------
@@ -146,6 +147,7 @@ class Server:
         entry = self.rejections.setdefault(host, _Rejections())
         now = time.monotonic()
         entry.count, entry.last, entry.reason = entry.count + 1, now, reason
+        self.refused += 1
         if now - entry.window >= REJECT_LOG_WINDOW:
             entry.window, entry.lines = now, 0
         entry.lines += 1

@@ -22,21 +22,26 @@ is given and reads back what was stored.
 
 from __future__ import annotations
 
+import os
 import pickle
+import secrets
 import sqlite3
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from node.config import ConfigError
 from node.errors import StorageError
+from node.metrics import WRITE_BUCKETS, Histogram
 
 BATCH_TASKS = 1024  # tasks in one stored batch at most
 BATCH_BYTES = 1024 * 1024  # and about this many bytes of arguments (a larger task is a batch alone)
 RESULTS_BYTES = 8 * 1024 * 1024  # one page of results carries about this many bytes at most
 ID_BLOCKS = {"job": 1000, "task": 1 << 20, "seq": 10000}  # ids reserved durably at a time
 DURABILITY = {"full": "FULL", "fast": "NORMAL"}
+FIRST_JOB = 10**9  # a new ledger's first job id lies between this and 9 times it
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -141,8 +146,14 @@ class Store:
             self.db.execute("UPDATE jobs SET finished = created WHERE sealed = 1 AND done + failed = total")
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL")
         # Names this ledger: task ids mean nothing to another one (a fresh state dir).
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)", (uuid.uuid4().hex,))
+        if self._meta("instance") is None:
+            # A new ledger's job ids start at a random 10-digit number, so a job id from a
+            # lost ledger (a master moved to a fresh state dir) names no job here.
+            first = str(FIRST_JOB + secrets.randbelow(FIRST_JOB * 8))
+            self.db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                ("instance", uuid.uuid4().hex), ("reserved_job", first), ("first_job", first)])
         self.instance = self._meta("instance")
+        self.first_job = int(self._meta("first_job") or 1)
         self.lock = threading.RLock()  # the writer connection
         # Clients' reads (results, job progress) use their own connection: under WAL
         # they see the last commit and never wait for the writer.
@@ -157,6 +168,9 @@ class Store:
             self.next_id[kind] = self.reserved[kind] = max(highest + 1, mark)
         self.done_total = int(self._meta("done_total") or 0)
         self.failed_total = int(self._meta("failed_total") or 0)
+        # Jobs in the ledger, kept up to date in memory: counting rows costs per job kept.
+        self.jobs_kept = self.db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        self.write_seconds = Histogram(WRITE_BUCKETS)  # each write transaction's time, lock wait excluded
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -194,7 +208,7 @@ class Store:
                     self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"reserved_{kind}", str(mark)))
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                _rollback(self.db)
                 raise
         finally:
             self.db.execute(f"PRAGMA synchronous={self.sync}")
@@ -225,6 +239,7 @@ class Store:
                 job_id = self._take("job")
                 db.execute("INSERT INTO jobs(id, key, task, timeout, max_attempts, created) VALUES (?, ?, ?, ?, ?, ?)",
                            (job_id, key, task, timeout, max_attempts, now))
+                self._after.append(lambda: self._add_jobs(1))
                 row = (job_id, task, timeout, max_attempts, 0, 0)
             job = JobRow(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
             added = []
@@ -293,11 +308,15 @@ class Store:
         self.done_total += done
         self.failed_total += failed
 
+    def _add_jobs(self, n: int) -> None:
+        self.jobs_kept += n
+
     def withdraw(self, job_id: int) -> None:
         """Delete an unsealed job and all it holds."""
         with self._transaction("the withdrawal") as db:
             for table, column in (("results", "job_id"), ("batches", "job_id"), ("jobs", "id")):
-                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,))
+                gone = db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job_id,)).rowcount
+            self._after.append(lambda: self._add_jobs(-gone))  # the jobs table's rows, deleted last
 
     def prune(self, older_than: float, keep: int, limit: int = 500) -> list:
         """Delete up to `limit` finished jobs: those finished before `older_than`, and
@@ -312,7 +331,8 @@ class Store:
                     "SELECT id FROM jobs WHERE finished IS NOT NULL ORDER BY finished LIMIT ?",
                     (min(limit, excess),))]
             for table, column in (("results", "job_id"), ("batches", "job_id"), ("jobs", "id")):
-                db.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(j,) for j in ids])
+                gone = db.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(j,) for j in ids]).rowcount
+            self._after.append(lambda: self._add_jobs(-gone))  # the jobs table's rows, deleted last
         return ids
 
     def upsert_worker(self, worker: str, host: str, pid: int, concurrency: int, now: float) -> None:
@@ -418,11 +438,36 @@ class Store:
         return row[0] if row else None
 
     def job_count(self) -> int:
-        with self.read_lock:
-            return self.reader.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        if isinstance(self.reader, _Closed):  # like every read: a call cut short by the master stopping
+            raise ConnectionAbortedError("the ledger is closed: the master is stopping")
+        return self.jobs_kept
 
     def highest_job(self) -> int:
         return self.next_id["job"] - 1
+
+    def jobs_overview(self, ids, finished: int = 0) -> list[dict]:
+        """For the dashboard: the jobs with these ids, then the `finished` most recently
+        finished ones: {id, task, total, done, failed, sealed, created, finished (time or None)}."""
+        ids = [int(i) for i in ids]
+        fields = "id, task, total, done, failed, sealed, created, finished"
+        with self.read_lock:
+            rows = self.reader.execute(f"SELECT {fields} FROM jobs WHERE id IN ({', '.join('?' * len(ids))})"
+                                       " ORDER BY id", ids).fetchall() if ids else []
+            if finished:
+                rows += self.reader.execute(f"SELECT {fields} FROM jobs WHERE finished IS NOT NULL"
+                                            " ORDER BY finished DESC LIMIT ?", (finished,)).fetchall()
+        return [dict(zip(("id", "task", "total", "done", "failed", "sealed", "created", "finished"), row))
+                for row in rows]
+
+    def size(self) -> int:
+        """Bytes on disk: the ledger and its write-ahead log."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except OSError:
+                pass
+        return total
 
 
 def _split(blobs: list):
@@ -435,6 +480,15 @@ def _split(blobs: list):
         size += len(blob)
     if start < len(blobs):
         yield start, blobs[start:]
+
+
+def _rollback(db) -> None:
+    """Roll back, keeping the error that caused it: after a full disk or an I/O error
+    SQLite may have rolled back by itself, and ROLLBACK then fails with its own error."""
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
 
 
 class _Closed:
@@ -457,6 +511,7 @@ class _Transaction:
     def __enter__(self):
         store = self.store
         store.lock.acquire()
+        self.started = time.perf_counter()
         try:
             store._reserve(self.needs)
             store.db.execute("BEGIN IMMEDIATE")
@@ -477,10 +532,7 @@ class _Transaction:
                 except sqlite3.Error as error:
                     exc_type, exc = type(error), error
             if exc_type is not None:
-                try:
-                    store.db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # no transaction left open (SQLite rolled back by itself)
+                _rollback(store.db)
                 if issubclass(exc_type, sqlite3.Error):
                     raise StorageError(f"the master could not store {self.what}: {exc}") from None
                 return False
@@ -488,5 +540,6 @@ class _Transaction:
                 work()
         finally:
             store._after = []
+            store.write_seconds.observe(time.perf_counter() - self.started)
             store.lock.release()
         return False

@@ -20,6 +20,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from ops import apt
 from ops import localcluster as lc
 from ops.paths import CLUSTER_DIR, ROOT
 
@@ -91,25 +92,8 @@ def _vagrant(s: lc.Settings, *args: str, check: bool = True, quiet: bool = False
 # --- packages -----------------------------------------------------------------------------
 
 
-def _missing_packages() -> list[str]:
-    missing = []
-    for pkg in PACKAGES:
-        out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
-        if out.returncode != 0 or "install ok installed" not in out.stdout:
-            missing.append(pkg)
-    return missing
-
-
 def _ensure_packages() -> None:
-    missing = _missing_packages()
-    if not missing:
-        return
-    if not shutil.which("apt-get"):
-        raise Exit(f"cluster: missing {' '.join(missing)} and no apt-get here: install them by hand.", code=1)
-    _say(f"installing Debian packages: {' '.join(missing)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    _run("apt-get", "update", "-q", env=env)
-    _run("apt-get", "install", "-y", "-q", "--no-install-recommends", *missing, env=env)
+    apt.ensure(PACKAGES, "cluster")
 
 
 # --- host-only bridge ---------------------------------------------------------------------

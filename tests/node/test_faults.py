@@ -98,7 +98,10 @@ def test_a_job_of_a_lost_ledger_answers_plainly(agents, tmp_path):
         master.kill_group(signal.SIGKILL)
         master.wait(10)
         agents.start_master(state_dir=tmp_path / "fresh")
-        client.submit("square", [[2]])  # the new ledger's job 1
+        client.submit("square", [[2]])
+        with pytest.raises(LookupError, match="no job"):  # a new ledger's ids start elsewhere
+            list(job.results(wait=False))
+        job.id = client.submit("square", [[3]]).id  # even if an id did name a job there:
         with pytest.raises(LookupError, match="new ledger"):
             list(job.results(wait=False))
 

@@ -393,6 +393,7 @@ BAD_VALUES = [  # (subcommand, flag, env var, value, what the message must say i
     ("master", "--max-jobs", "TASKFLEET_MAX_JOBS", "0", "a whole number of 1 or more"),
     ("master", "--max-jobs", "TASKFLEET_MAX_JOBS", "1e4", "a whole number of 1 or more"),
     ("master", "--listen", "TASKFLEET_LISTEN", "host:99999", "a number from 1 to 65535"),
+    ("master", "--metrics-listen", "TASKFLEET_METRICS_LISTEN", "host:99999", "a number from 0 to 65535"),
     ("master", "--log-level", "TASKFLEET_LOG_LEVEL", "loud", "one of DEBUG, INFO, WARNING, ERROR"),
     ("worker", "--concurrency", "TASKFLEET_CONCURRENCY", "many", "a whole number of 0 or more"),
     ("worker", "--concurrency", "TASKFLEET_CONCURRENCY", "-1", "a whole number of 0 or more"),
@@ -466,7 +467,7 @@ def test_master_gets_its_settings_as_keywords(engine, tmp_path):
     assert name == "run_master"
     assert args == (("127.0.0.1", 7000), b"s3cret-agents-key", str(tmp_path / "state"), ["m"])
     assert kwargs == {"worker_ttl": 30.0, "max_payload": 2000000, "durability": "fast", "retention": 86400.0,
-                      "max_jobs": 99}
+                      "max_jobs": 99, "metrics_listen": ("127.0.0.1", 9464)}
     assert (tmp_path / "state").is_dir()
 
 
