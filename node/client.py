@@ -110,15 +110,13 @@ class Client:
         items = list(args_list)
         # Check every task before the first chunk goes: a job refused halfway would
         # have to be withdrawn.
-        sizes = []
         for index, args in enumerate(items):
             if not isinstance(args, (list, tuple)):
                 raise ValueError(f"task {index}: arguments must be a list, got {type(args).__name__} {args!r:.60}")
-            sizes.append(len(pickle.dumps(args)))
-            if sizes[-1] > max_payload:
-                raise PayloadTooLarge(
-                    f"task {index}: arguments are {sizes[-1]} bytes, over the limit of {max_payload}"
-                )
+        sizes = list(map(len, map(pickle.dumps, items)))  # loops in C: a big job of tiny tasks is quick to send
+        if sizes and max(sizes) > max_payload:
+            index = next(i for i, size in enumerate(sizes) if size > max_payload)
+            raise PayloadTooLarge(f"task {index}: arguments are {sizes[index]} bytes, over the limit of {max_payload}")
         key = uuid.uuid4().hex
         reply = None
         try:
@@ -157,14 +155,15 @@ def _chunks(items: list, sizes: list):
     CHUNK_BYTES; one empty chunk for an empty job."""
     start = 0
     while True:
-        chunk, size = [], 0
-        for offset, args in enumerate(items[start:start + CHUNK_TASKS]):
-            if chunk and size + sizes[start + offset] > CHUNK_BYTES:
-                break
-            chunk.append(args)
-            size += sizes[start + offset]
-        yield start, chunk
-        start += len(chunk)
+        end = min(len(items), start + CHUNK_TASKS)
+        if sum(sizes[start:end]) > CHUNK_BYTES:  # large arguments: cut by bytes
+            size, cut = sizes[start], start + 1
+            while cut < end and size + sizes[cut] <= CHUNK_BYTES:
+                size += sizes[cut]
+                cut += 1
+            end = cut
+        yield start, items[start:end]
+        start = end
         if start >= len(items):
             return
 

@@ -29,12 +29,16 @@ from multiprocessing import connection as mpc
 from node import systemd
 from node.config import DEFAULT_MAX_PAYLOAD, describe_error, format_address
 from node.tasks import Registry
-from node.worker.link import REPLY_TIMEOUT, TARGET_SECONDS, Link
+from node.worker.link import (REPLY_TIMEOUT, REPORT_COUNT, REPORT_EVERY, REPORT_MAX, REPORT_TASKS, TARGET_SECONDS,
+                              Link)
 from node.worker.pool import PIPELINE_BYTES, Pool
 
 log = logging.getLogger("taskfleet.worker")
 
 DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for running tasks before handing them back
+CHUNK_SECONDS = 0.2  # about this much work goes to a pool process at a time (one wake-up here per chunk)
+PREFETCH_TASKS = 2048  # tasks held ahead per slot at most (tiny tasks: the pool must not wait for a lease)
+PREFETCH_BYTES = 64 * 1024 * 1024  # ... and about this many bytes of their arguments in all
 LINK_STUCK = 2 * REPLY_TIMEOUT  # a link thread silent this long stops the watchdog pings
 
 
@@ -52,14 +56,17 @@ class Worker:
         # processes start before the link has reached the master (and outlive reconnects).
         self.max_payload = self.ctx.RawValue("q", DEFAULT_MAX_PAYLOAD)
 
-        self.lock = threading.Lock()  # guards the five below
+        self.lock = threading.Lock()  # guards the seven below
         self.local: collections.deque = collections.deque()  # leased, not yet sent to a child
         self.outbox: list = []  # outcomes the master has not acknowledged
+        self.outbox_since: float | None = None  # monotonic time its oldest outcome came in
         self.handback: list = []  # task ids to release
         self.holding: set = set()  # ids of leased tasks without an outcome yet
         self.epoch = None  # the master's ledger (instance) all of the above belong to
+        self.hungry = True  # a pool slot has room for a chunk: new tasks wake the pool
 
         self.mean_seconds = None  # running mean of task durations: sizes leases and chunks
+        self.arg_bytes = None  # running mean of a task's argument bytes: bounds the prefetch
         self.draining = threading.Event()
         self.fatal: str | None = None
         self.exit_code = 0
@@ -88,6 +95,7 @@ class Worker:
             self.holding.clear()
             self.local.clear()
             self.outbox.clear()
+            self.outbox_since = None
             self.handback.clear()
             self.epoch = instance
         return dropped
@@ -97,7 +105,7 @@ class Worker:
         back; the epoch they belong to)."""
         with self.lock:
             outcomes = []
-            if due or len(self.outbox) >= 1000:
+            if due or len(self.outbox) >= REPORT_COUNT:
                 size, n = 0, 0
                 for outcome in self.outbox:
                     size += len(outcome[2] or b"")
@@ -105,8 +113,20 @@ class Worker:
                         break
                     n += 1
                 outcomes, self.outbox = self.outbox[:n], self.outbox[n:]
+                if not self.outbox:  # what is left (over max_bytes) is as late: due at once
+                    self.outbox_since = None
             handback, self.handback = self.handback, []
             return outcomes, handback, self.epoch
+
+    def report_in(self, now: float) -> float | None:
+        """Seconds until the outcomes waiting are due to be reported (0.0: now; None:
+        none waits). Due at once when the worker is idle or draining, or many wait."""
+        with self.lock:
+            if not self.outbox:
+                return None
+            if not self.holding or self.draining.is_set() or len(self.outbox) >= REPORT_COUNT:
+                return 0.0
+            return max(0.0, self.outbox_since + self.report_every() - now)
 
     def put_back(self, outcomes: list, handback: list, epoch) -> None:
         """Reports the master did not acknowledge: keep them (unless the ledger changed)."""
@@ -114,6 +134,8 @@ class Worker:
             if epoch == self.epoch:
                 self.outbox[:0] = outcomes
                 self.handback[:0] = handback
+                if outcomes:
+                    self.outbox_since = 0.0  # due as soon as the master answers again
 
     def add_tasks(self, tasks: list, epoch) -> None:
         with self.lock:
@@ -121,7 +143,11 @@ class Worker:
                 return
             self.local.extend(tasks)
             self.holding.update(task[0] for task in tasks)
-        self.wake_pool()
+            size = sum(len(task[2]) for task in tasks) / len(tasks)
+            self.arg_bytes = size if self.arg_bytes is None else 0.9 * self.arg_bytes + 0.1 * size
+            wake = self.hungry or self.draining.is_set()
+        if wake:  # else every slot's pipeline is full: the pool takes them as chunks end
+            self.wake_pool()
 
     def wanted(self, prefetch: int) -> tuple:
         """(how many tasks to lease, whether the worker is idle: nothing runs or waits)."""
@@ -149,10 +175,27 @@ class Worker:
         return max(low, min(high, int(seconds / max(self.mean_seconds, 1e-6))))
 
     def prefetch(self) -> int:
-        return self.concurrency * self._per_slot(TARGET_SECONDS, 2, 512)
+        """Tasks to hold: about TARGET_SECONDS of work per slot, within PREFETCH_TASKS
+        per slot and PREFETCH_BYTES of arguments."""
+        n = self.concurrency * self._per_slot(TARGET_SECONDS, 2, PREFETCH_TASKS)
+        if self.arg_bytes:
+            n = min(n, max(2 * self.concurrency, int(PREFETCH_BYTES / self.arg_bytes)))
+        return n
+
+    @staticmethod
+    def lease_at(prefetch: int) -> int:
+        """Lease when this many of the prefetch are missing: half of it at a time."""
+        return max(1, prefetch // 2)
+
+    def report_every(self) -> float:
+        """Seconds outcomes may wait to be reported together: about REPORT_TASKS
+        tasks' worth, from REPORT_EVERY (short tasks) to REPORT_MAX (long ones)."""
+        if self.mean_seconds is None:
+            return REPORT_EVERY
+        return max(REPORT_EVERY, min(REPORT_MAX, REPORT_TASKS * self.mean_seconds / self.concurrency))
 
     def _chunk(self) -> int:
-        return self._per_slot(0.05, 1, 256)
+        return self._per_slot(CHUNK_SECONDS, 1, 256)
 
     def _learn(self, outcomes) -> None:
         for outcome in outcomes:
@@ -166,6 +209,9 @@ class Worker:
         those of the current ledger's held tasks are kept."""
         with self.lock:
             fresh = [o for o, epoch in outcomes if epoch == self.epoch and o[0] in self.holding]
+            first = fresh and not self.outbox
+            if first:
+                self.outbox_since = time.monotonic()
             self.outbox.extend(fresh)
             self.holding.difference_update(o[0] for o in fresh)
             rerun = [r for r, epoch in again if epoch == self.epoch and r[0] in self.holding]
@@ -174,7 +220,14 @@ class Worker:
             if not outcome[1]:
                 log.warning("task %s failed: %s", outcome[0], (outcome[3] or "").splitlines()[0])
         self._learn(fresh)
-        self.link_wake.set()
+        # Wake the link only when it must act: time a report, report (idle or many
+        # waiting), or lease. Not at every chunk: each wake-up costs CPU.
+        prefetch = self.prefetch()
+        with self.lock:
+            want, idle = prefetch - len(self.holding), not self.holding
+            many = len(self.outbox) >= REPORT_COUNT
+        if first or idle or many or want >= self.lease_at(prefetch):
+            self.link_wake.set()
 
     def _dispatch(self, pool: Pool) -> None:
         """Feed slots with room: small chunks may queue behind a running one."""
@@ -190,7 +243,12 @@ class Worker:
                     self.local.extendleft(reversed(batch))
                     continue
             if not batch:
-                return
+                break
+        with self.lock:
+            self.hungry = bool(pool.room(chunk))
+            missed = bool(self.local) and bool(pool.room(0))  # came in after the last look, an idle slot
+        if missed:
+            self.wake_pool()
 
     def _hand_back(self, ids: list) -> None:
         with self.lock:
@@ -259,6 +317,7 @@ class Worker:
             if self.draining.is_set():
                 if drain_deadline is None:
                     drain_deadline = time.monotonic() + self.drain_timeout
+                    pool.drain()  # tasks queued in the pool processes come back unrun: handed back
                 self._hand_back_local()
                 if not pool.busy():
                     return

@@ -32,9 +32,14 @@ log = logging.getLogger("taskfleet.worker")
 
 MAX_BACKOFF = 30.0
 REPLY_TIMEOUT = 30.0  # seconds one call may take before the master counts as lost
-REPORT_EVERY = 0.1  # seconds outcomes may wait to be reported together
+REPORT_EVERY = 0.1  # seconds outcomes may wait to be reported together, at least
+REPORT_MAX = 0.5  # ... and at most (long tasks: REPORT_TASKS outcomes take longer to gather)
+REPORT_TASKS = 50  # outcomes worth gathering in one report: every call costs both ends CPU
+REPORT_COUNT = 1000  # outcomes waiting that are reported at once
 REPORT_BYTES = 8 * 1024 * 1024  # result bytes in one report at most
 TARGET_SECONDS = 0.5  # lease about this much work per slot ahead
+IDLE_POLL = 1.0  # seconds an idle worker's lease may wait on the master for work
+IDLE_RETRY = 0.25  # seconds an idle worker waits after a lease came back early and empty
 
 
 class Link:
@@ -47,7 +52,6 @@ class Link:
         self.ever_connected = False
         self.connected = False
         self.backoff = 0.5
-        self.reported = 0.0  # monotonic time outcomes were last sent
         self.beat_every = 2.5
         self.next_beat = 0.0
 
@@ -83,8 +87,8 @@ class Link:
     def _retry_later(self, message: str) -> None:
         delay = min(MAX_BACKOFF, self.backoff * random.uniform(0.5, 1.5))
         log.warning("%s; retrying in %.1f s", message, delay)
-        # Not link_wake: the pool sets it whenever a task ends, which would cut the
-        # backoff short.
+        # Not link_wake: the pool sets it as tasks end (a first outcome, a lease due),
+        # which would cut the backoff short.
         self.worker.draining.wait(delay if not self.worker.draining.is_set() else min(delay, 1.0))
         self.backoff = min(MAX_BACKOFF, self.backoff * 2)
 
@@ -148,15 +152,16 @@ class Link:
             self.worker.draining.wait(1.0)  # the same call may fail again: don't spin
 
     def _exchange(self) -> None:
-        """Report outcomes, hand back tasks, then lease (long-polling when idle).
-        Outcomes go in batches, at most REPORT_EVERY s late: fewer calls, less CPU
-        taken from the tasks on the master's and this host."""
+        """Report outcomes, hand back tasks, then lease (long-polling when idle), then
+        sleep until something is due. Outcomes go in batches, REPORT_EVERY to REPORT_MAX
+        s late (Worker.report_in; at once when the worker goes idle), and leases top up
+        half the prefetch at a time: fewer calls and wake-ups, less CPU taken from the
+        tasks on the master's and this host. The pool wakes this thread (link_wake)
+        only when it must act: a first outcome to time, the worker idle, a lease due."""
         w = self.worker
-        now = time.monotonic()
-        due = w.draining.is_set() or now - self.reported >= REPORT_EVERY or not w.holding
+        w.link_wake.clear()  # before looking: a wake-up from now on is not lost
+        due = w.report_in(time.monotonic()) == 0.0
         outcomes, handback, epoch = w.take_reports(due, REPORT_BYTES)
-        if outcomes:
-            self.reported = now
         try:
             if outcomes:
                 if self.caller.call("complete", w.id, w.host, outcomes, epoch) is None:
@@ -169,20 +174,22 @@ class Link:
             raise
         if w.draining.is_set():
             w.link_wake.wait(0.2)
-            w.link_wake.clear()
             return
         prefetch = w.prefetch()
         want, idle = w.wanted(prefetch)
-        if want >= max(1, prefetch // 4):
+        if want >= w.lease_at(prefetch):
             # Idle: long-poll the master. Busy: don't block, outcomes must flow back.
-            tasks = self.caller.call("lease", w.id, want, 1.0 if idle else 0.0)
+            asked = time.monotonic()
+            tasks = self.caller.call("lease", w.id, want, IDLE_POLL if idle else 0.0)
             if tasks:
                 w.add_tasks(tasks, epoch)
                 return
-            if idle:
+            if idle:  # an early empty answer (the master just restarted, or forgot us): don't spin
+                w.link_wake.wait(max(0.0, min(IDLE_RETRY, asked + IDLE_POLL - time.monotonic())))
                 return
-        w.link_wake.wait(max(0.01, min(0.25, self.reported + REPORT_EVERY - time.monotonic())))
-        w.link_wake.clear()
+        now = time.monotonic()
+        report = w.report_in(now)
+        w.link_wake.wait(max(0.0, min(self.next_beat - now, REPLY_TIMEOUT if report is None else report)))
 
     def _farewell(self) -> None:
         if not self.connected:

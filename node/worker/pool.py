@@ -10,6 +10,8 @@ It knows nothing of the master. The contract:
   after TIMEOUT_GRACE, and the process is replaced;
 - a task that kills its process fails alone; the rest of that chunk goes back to the
   caller, unrun (`Pool.step` returns it);
+- after `Pool.drain`, children start no further task: the rest of their chunks goes
+  back to the caller, unrun, as they finish the task they are in;
 - children exit when their agent dies, even by SIGKILL.
 """
 
@@ -41,13 +43,45 @@ def _describe(exc: BaseException) -> str:
     return head if len(text) > ERROR_LIMIT else f"{head}\n{text}"
 
 
+# A pool process's interval timer (SIGALRM) goes off at the running task's deadline or
+# at an earlier one, and then sets itself again for the running task's. The tasks of a
+# job share a timeout, so their deadlines only grow: the timer is set about once per
+# chunk, not twice per task (two system calls are much of a tiny task's cost).
+_deadline = None  # monotonic deadline of the running task (None: between tasks)
+_armed = None  # monotonic time the timer goes off (None: not set)
+
+
+def _arm(deadline: float, seconds: float) -> None:
+    global _armed
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    _armed = deadline
+
+
+def _disarm() -> None:
+    global _armed
+    if _armed is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _armed = None
+
+
 def _on_alarm(_signum, _frame):
+    global _armed
+    _armed = None
+    if _deadline is None:  # between tasks: nothing to interrupt
+        return
+    left = _deadline - time.monotonic()
+    if left > 0:  # set for an earlier deadline: wait for this task's
+        _arm(_deadline, left)
+        return
     raise TaskTimeout()
 
 
 def _run_one(registry: Registry, name: str, blob: bytes, timeout: float, max_payload: int) -> tuple:
     """(ok, value_blob, error) of one task, interrupted after `timeout` seconds."""
-    signal.setitimer(signal.ITIMER_REAL, timeout)
+    global _deadline
+    _deadline = time.monotonic() + timeout
+    if _armed is None or _deadline < _armed:
+        _arm(_deadline, timeout)
     try:
         value = pickle.dumps(registry.get(name)(*pickle.loads(blob)))
     except TaskTimeout:
@@ -55,15 +89,17 @@ def _run_one(registry: Registry, name: str, blob: bytes, timeout: float, max_pay
     except BaseException as exc:  # a task's SystemExit is its failure, not ours
         return False, None, _describe(exc)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        _deadline = None
     if len(value) > max_payload:
         return False, None, f"result is {len(value)} bytes, over the limit of {max_payload}"
     return True, value, None
 
 
-def _child(conn, current, registry: Registry, max_payload) -> None:
+def _child(conn, current, registry: Registry, max_payload, stop) -> None:
     """A pool process: run chunks; send outcomes in order, at least every FLUSH_EVERY s
-    and at once after a timeout (its process may be killed next)."""
+    and at once after a timeout (its process may be killed next). Once `stop` is set
+    (the agent drains) it runs no further task and sends, after the outcomes, how many
+    tasks of the chunk it did not run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when children stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _on_alarm)
@@ -80,8 +116,11 @@ def _child(conn, current, registry: Registry, max_payload) -> None:
             return
         if chunk is None:
             return
-        out, flushed = [], time.monotonic()
+        out, flushed, ran = [], time.monotonic(), 0
         for task_id, name, blob, timeout in chunk:
+            if stop.value:
+                break
+            ran += 1
             start = time.monotonic()
             current[0], current[1] = task_id, start
             try:
@@ -90,21 +129,25 @@ def _child(conn, current, registry: Registry, max_payload) -> None:
                 ok, value, error = False, None, f"timed out after {timeout:g} s"
             end = time.monotonic()
             current[1] = 0.0
-            out.append((task_id, ok, value, error, round(end - start, 6)))
+            out.append((task_id, ok, value, error, int((end - start) * 1e6 + 0.5) / 1e6))  # round(): slower
             if end - flushed >= FLUSH_EVERY or (not ok and error.startswith("timed out")):
                 conn.send(out)
                 out, flushed = [], end
+        _disarm()  # idle: no alarm
         if out:
             conn.send(out)
+        if ran < len(chunk):
+            conn.send(len(chunk) - ran)
 
 
 class Slot:
     """One child process and the tasks sent to it (with the epoch each came from), oldest first."""
 
-    def __init__(self, ctx, registry: Registry, max_payload):
+    def __init__(self, ctx, registry: Registry, max_payload, stop):
         self.current = ctx.RawArray("d", 2)  # task id, monotonic start (0: idle)
         self.conn, child_end = ctx.Pipe()
-        self.proc = ctx.Process(target=_child, args=(child_end, self.current, registry, max_payload), daemon=True)
+        self.proc = ctx.Process(target=_child, args=(child_end, self.current, registry, max_payload, stop),
+                                daemon=True)
         self.proc.start()
         child_end.close()
         self.inflight: collections.deque = collections.deque()  # (record, epoch)
@@ -144,7 +187,15 @@ class Pool:
 
     def __init__(self, ctx, concurrency: int, registry: Registry, max_payload):
         self.ctx, self.registry, self.max_payload = ctx, registry, max_payload
-        self.slots = [Slot(ctx, registry, max_payload) for _ in range(concurrency)]
+        self.stopping = ctx.RawValue("b", 0)  # set by drain(): children start no further task
+        self.slots = [self._slot() for _ in range(concurrency)]
+
+    def _slot(self) -> Slot:
+        return Slot(self.ctx, self.registry, self.max_payload, self.stopping)
+
+    def drain(self) -> None:
+        """Children finish the task they are in and send the rest back unrun (step)."""
+        self.stopping.value = 1
 
     def busy(self) -> bool:
         return any(slot.inflight for slot in self.slots)
@@ -178,14 +229,23 @@ class Pool:
             broken = False
             if slot.conn in ready:
                 try:
-                    outcomes += self._take(slot, slot.conn.recv())
+                    more, back = self._receive(slot, slot.conn.recv())
                 except (EOFError, OSError):
                     broken = True
+                else:
+                    outcomes += more
+                    again += back
             if broken or (slot.proc.sentinel in ready and not slot.proc.is_alive()) or slot.overdue():
                 more, rest = self._replace(slot)
                 outcomes += more
                 again += rest
         return outcomes, again
+
+    def _receive(self, slot: Slot, message) -> tuple:
+        """(outcomes, records back unrun) of one message from a slot's child."""
+        if isinstance(message, int):  # that many of its oldest tasks were not run (drain)
+            return [], [slot.inflight.popleft() for _ in range(message)]
+        return self._take(slot, message), []
 
     def _take(self, slot: Slot, outcomes: list) -> list:
         paired = []
@@ -200,10 +260,12 @@ class Pool:
         """The child died or overran: blame its current task, give back the rest."""
         overdue = slot.overdue()
         slot.proc.kill()
-        outcomes = []
+        outcomes, back = [], []
         try:  # outcomes it sent before it stopped still count
             while slot.conn.poll():
-                outcomes += self._take(slot, slot.conn.recv())
+                more, unrun = self._receive(slot, slot.conn.recv())
+                outcomes += more
+                back += unrun
         except (EOFError, OSError):
             pass
         running = slot.running()
@@ -215,10 +277,10 @@ class Pool:
             else:
                 error = f"worker process died (exit code {slot.proc.exitcode}) while running this task"
             outcomes.append(((record[0], False, None, error, round(seconds, 6)), epoch))
-        again = [entry for entry in slot.inflight if not running or entry[0][0] != running[0][0][0]]
+        again = back + [entry for entry in slot.inflight if not running or entry[0][0] != running[0][0][0]]
         slot.inflight.clear()
         slot.conn.close()
-        self.slots[self.slots.index(slot)] = Slot(self.ctx, self.registry, self.max_payload)
+        self.slots[self.slots.index(slot)] = self._slot()
         return outcomes, again
 
     def kill_busy(self) -> list:
@@ -231,7 +293,7 @@ class Pool:
                 held += [entry[0] for entry in slot.inflight]
                 slot.inflight.clear()
                 slot.conn.close()
-                self.slots[i] = Slot(self.ctx, self.registry, self.max_payload)
+                self.slots[i] = self._slot()
         return held
 
     def stop(self, kill: bool = False) -> None:

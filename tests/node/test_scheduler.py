@@ -492,6 +492,29 @@ def test_prune_deletes_old_and_excess_finished_jobs_only(store, sched):
     assert master.job(open_job)["id"] == open_job
 
 
+def test_the_job_count_follows_the_ledger_without_counting_rows(store, sched, tmp_path):
+    """status's count of jobs is kept in memory (counting rows would cost per job kept):
+    it follows new jobs, re-sent chunks, withdrawals, pruning, and a reopened ledger."""
+    def rows():
+        return store.db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+
+    done = finish(sched, "done")
+    sched.submit("k", "square", 10.0, 1, 0, blobs(1), None)
+    sched.submit("k", "square", 10.0, 1, 0, blobs(1), None)  # re-sent: nothing new
+    assert store.job_count() == rows() == 2
+    assert sched.withdraw(store.job_id("k")) == 1
+    assert store.job_count() == rows() == 1
+    store.db.execute("UPDATE jobs SET finished = 1.0 WHERE id = ?", (done,))
+    assert store.prune(older_than=10.0, keep=10) == [done]
+    assert store.job_count() == rows() == 0
+    sched.submit("again", "square", 10.0, 1, 0, blobs(1), 1)
+    reopened = Store(tmp_path / "state")
+    try:
+        assert reopened.job_count() == 1
+    finally:
+        reopened.close()
+
+
 def test_expire_unsealed_withdraws_paused_uploads_only(store, sched):
     """An unsealed job whose upload paused is withdrawn with its leases; a sealed one never."""
     paused = sched.submit("paused", "square", 10.0, 1, 0, blobs(1, 2), None)

@@ -541,3 +541,33 @@ def test_result_as_dict_is_json():
     failed = Result(4, 3, False, None, "boom", "h", 3, None).as_dict("fail")
     assert failed["error"] == "boom" and "result" not in failed
     json.dumps(failed)
+
+
+def test_each_task_is_interrupted_at_its_own_timeout_not_an_earlier_tasks():
+    """A pool process sets its alarm once for many tasks: an alarm set for an earlier
+    task's deadline must not cut a later task short, and a later task with a shorter
+    timeout must still be cut at its own."""
+    import multiprocessing
+    import time
+    from multiprocessing import connection as mpc
+
+    from node.worker.pool import Pool
+
+    ctx = multiprocessing.get_context("fork")
+    pool = Pool(ctx, 1, Registry(), ctx.RawValue("q", 1 << 20))
+    try:
+        chunk = [(1, "sleep", pickle.dumps((0.01,)), 0.2),  # sets the alarm for 0.2 s from now
+                 (2, "sleep", pickle.dumps((0.5,)), 2.0),  # runs through that alarm
+                 (3, "sleep", pickle.dumps((5.0,)), 0.3),  # a shorter deadline than the alarm's: cut
+                 (4, "sleep", pickle.dumps((0.01,)), 5.0)]
+        assert pool.submit(pool.slots[0], chunk, "epoch")
+        outcomes, deadline = {}, time.monotonic() + 20
+        while len(outcomes) < 4 and time.monotonic() < deadline:
+            done, again = pool.step(mpc.wait(pool.wait_list(), 1.0))
+            assert again == []
+            outcomes.update((o[0], o) for o, _epoch in done)
+        assert [outcomes[t][1] for t in (1, 2, 3, 4)] == [True, True, False, True], outcomes
+        assert "timed out after 0.3 s" in outcomes[3][3] and 0.25 < outcomes[3][4] < 1.0  # not at 2's deadline
+        assert pickle.loads(outcomes[2][2]) == 0.5
+    finally:
+        pool.stop()
