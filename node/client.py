@@ -202,8 +202,9 @@ class Job:
             after = max(after, reply.get("next", after))
             if not rows and not skipped and (self.info["finished"] or not wait):
                 return
-            if wait and len(rows) < RESULTS_PAGE and not self.info["finished"]:
-                time.sleep(LINGER)  # let results gather: fewer, fuller calls (a finished job has them all)
+            info = self.info
+            if wait and len(rows) < RESULTS_PAGE and info["total"] - info["done"] - info["failed"] > RESULTS_PAGE:
+                time.sleep(LINGER)  # let results gather: fewer, fuller calls (near the end: no, ask at once)
 
     def wait(self) -> list[Result]:
         """Every result, in task order."""
