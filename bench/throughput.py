@@ -522,26 +522,29 @@ def threads_cpu_ns(pid: int) -> int:
     return total
 
 
-def _history_probe(fleet: Fleet, job_tasks: int, repeat: int = 7) -> dict:
+def _history_probe(fleet: Fleet, job_tasks: int, repeat: int = 11) -> dict:
     """The time of a status call (median of 21) and a fixed job of `job_tasks` tiny
-    tasks run `repeat` times: tasks/s (the median run) and the master's CPU per result
-    (over all the runs, from its threads' schedstat: clock ticks are too coarse here)."""
+    tasks run `repeat` times: tasks/s over all the runs (one such job lasts ~15 ms and
+    its rate alone varies by half from run to run) and the master's CPU per result (the
+    median run's, from its threads' schedstat: clock ticks are too coarse here)."""
     times = []
     for _ in range(21):
         t0 = time.perf_counter()
         fleet.client.status()
         times.append(time.perf_counter() - t0)
-    rates, cpu = [], 0.0
+    rates, cpus, elapsed = [], [], 0.0
     for _ in range(repeat):
         before = threads_cpu_ns(fleet.master.pid)
         t0 = time.perf_counter()
         results = fleet.client.submit("square", [(i,) for i in range(job_tasks)]).wait()
-        elapsed = time.perf_counter() - t0
-        cpu += (threads_cpu_ns(fleet.master.pid) - before) / 1e9
+        seconds = time.perf_counter() - t0
+        cpus.append((threads_cpu_ns(fleet.master.pid) - before) / 1e3 / job_tasks)
         _check([r.value for r in results], "square", job_tasks)
-        rates.append(job_tasks / elapsed)
-    return {"status_ms": sorted(times)[len(times) // 2] * 1000, "job_tasks_per_s": sorted(rates)[len(rates) // 2],
-            "master_cpu_us_per_result": cpu / (repeat * job_tasks) * 1e6, "job_samples": [round(r, 1) for r in rates]}
+        rates.append(job_tasks / seconds)
+        elapsed += seconds
+    return {"status_ms": sorted(times)[len(times) // 2] * 1000, "job_tasks_per_s": repeat * job_tasks / elapsed,
+            "master_cpu_us_per_result": sorted(cpus)[len(cpus) // 2], "job_samples": [round(r, 1) for r in rates],
+            "cpu_samples": [round(c, 2) for c in cpus]}
 
 
 def bench_history(checkpoints=(2_000, 10_000), job_tasks: int = 2_000, workers: int = 2, threads: int = 8,
