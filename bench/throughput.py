@@ -267,11 +267,17 @@ TutorialClient.register("get_task_queue")
 TutorialClient.register("get_result_queue")
 
 
-def _tutorial_worker(address, authkey: bytes) -> None:
+def _tutorial_queues(address, authkey: bytes) -> tuple:
+    """A tutorial worker's start: connect, get both queues, say it is ready."""
     manager = TutorialClient(address=address, authkey=authkey)
     manager.connect()
     tasks, results = manager.get_task_queue(), manager.get_result_queue()
     results.put(("ready", os.getpid()))
+    return tasks, results
+
+
+def _tutorial_worker(address, authkey: bytes) -> None:
+    tasks, results = _tutorial_queues(address, authkey)
     while True:
         item = tasks.get()
         if item is None:
@@ -420,10 +426,7 @@ def cpu_taskfleet(n_tasks: int, workers: int, concurrency: int, durability: str 
 
 def _batched_worker(address, authkey: bytes) -> None:
     """The tutorial's worker, but taking and returning lists of tasks."""
-    manager = TutorialClient(address=address, authkey=authkey)
-    manager.connect()
-    tasks, results = manager.get_task_queue(), manager.get_result_queue()
-    results.put(("ready", os.getpid()))
+    tasks, results = _tutorial_queues(address, authkey)
     while True:
         batch = tasks.get()
         if batch is None:
