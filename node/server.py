@@ -11,6 +11,9 @@ One thread per connection. The promises:
 - only the documented calls are served: the services' exposed methods and the few
   manager calls stock proxies need (dummy, create, incref, decref, accept_connection,
   get_methods); `shutdown` and the rest are refused and logged;
+- over TLS (`tls`), each call is first put to its service's `authorize` with the peer's
+  certificate identity: a refusal is logged and answered with PermissionError; when the
+  TLS files change (a revocation), every TLS peer is cut and must verify again;
 - exactly one reply per request, never one that was not asked for; a call cut short
   by the master stopping (a service raises ConnectionAbortedError) gets no reply at
   all: the peer sees the connection close and retries, so it cannot mistake anything
@@ -27,6 +30,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
 
+from node import tls as tlsmod
 from node import wire
 from node.config import describe_error, format_address
 from node.errors import StorageError
@@ -39,6 +43,7 @@ LISTEN_BACKLOG = 128
 REJECT_LOG_WINDOW = 60.0  # seconds: at most REJECT_LOG_LINES lines about one peer host in each
 REJECT_LOG_LINES = 5
 MANAGER_CALLS = frozenset({"dummy", "create", "incref", "decref", "accept_connection", "get_methods"})
+TLS_CHECK_EVERY = 1.0  # seconds between looks at the TLS files (a revocation takes effect this fast)
 
 
 @dataclass
@@ -50,6 +55,8 @@ class Service:
     exposed: frozenset
     typeid: str = ""
     drain: bool = True  # a stopping server waits for calls under way (not for blocking queue gets)
+    # (identity, method, args, kwargs) -> None, or raises PermissionError; TLS peers only
+    authorize: object = None
 
 
 @dataclass
@@ -63,8 +70,11 @@ class _Rejections:
 
 class Server:
     def __init__(self, address: tuple[str, int], authkey: bytes, services: list[Service], *,
-                 max_connections: int = MAX_CONNECTIONS, max_unauthenticated: int = MAX_UNAUTHENTICATED):
+                 max_connections: int = MAX_CONNECTIONS, max_unauthenticated: int = MAX_UNAUTHENTICATED,
+                 tls: tlsmod.TLS | None = None):
         self.authkey = authkey
+        self.tls = tls
+        self.tls_checked = time.monotonic()
         self.services = {s.ident: s for s in services}
         self.typeids = {s.typeid: s for s in services if s.typeid}
         self.max_connections = max_connections
@@ -92,6 +102,7 @@ class Server:
     def _accept_loop(self) -> None:
         backoff = 0.01
         while not self.stopping:
+            self._check_tls()
             try:
                 sock, peer = self.listener.accept()
             except socket.timeout:
@@ -118,8 +129,26 @@ class Server:
                 log.exception("could not serve a connection from %s", _host(peer))
                 sock.close()
 
+    def _check_tls(self) -> None:
+        """Cut every peer when the TLS files changed, so each verifies again against
+        the new ones (a revoked certificate is out within TLS_CHECK_EVERY)."""
+        if self.tls is None or time.monotonic() - self.tls_checked < TLS_CHECK_EVERY:
+            return
+        self.tls_checked = time.monotonic()
+        try:
+            if not self.tls.changed():
+                return
+        except tlsmod.TLSConfigError as exc:
+            log.error("%s: still using the TLS files loaded before", exc)
+            return
+        with self.lock:
+            conns = list(self.handshaking) + list(self.serving)
+        log.warning("TLS files in %s changed: every peer (%d) must verify again", self.tls.directory, len(conns))
+        for conn in conns:
+            conn.abort()
+
     def _admit(self, sock: socket.socket, peer) -> None:
-        conn = wire.Connection(sock)
+        conn = wire.Connection(self.tls.wrap_server(sock) if self.tls else sock)
         evict = None
         with self.lock:
             if len(self.handshaking) + len(self.serving) >= self.max_connections:
@@ -171,8 +200,9 @@ class Server:
 
     def _serve(self, conn: wire.Connection, peer) -> None:
         try:
-            if self._handshake(conn, peer):
-                self._request_loop(conn, peer)
+            admitted, identity = self._handshake(conn, peer)
+            if admitted:
+                self._request_loop(conn, peer, identity)
         except Exception:
             log.exception("connection from %s failed", _host(peer))
         finally:
@@ -181,31 +211,34 @@ class Server:
                 self.serving.discard(conn)
             conn.close()
 
-    def _handshake(self, conn: wire.Connection, peer) -> bool:
+    def _handshake(self, conn: wire.Connection, peer) -> tuple[bool, tlsmod.Identity | None]:
+        """(admitted, the peer's TLS identity or None over plaintext)."""
         try:
-            wire.serve_handshake(conn, self.authkey)
+            identity = wire.serve_handshake(conn, self.authkey)
         except AuthenticationError:
             reason = "authentication failed (wrong authkey)"
         except EOFError:
             if conn in self.handshaking:  # closed without a word: a port probe (health check)
                 log.debug("connection from %s closed before authenticating", _host(peer))
-                return False
+                return False, None
             reason = "handshake cut: too many unauthenticated connections"
+        except PermissionError as exc:  # a certificate of our CA without a role
+            reason = str(exc)
         except (OSError, AssertionError) as exc:
-            reason = f"no valid handshake ({describe_error(exc)})"
+            reason = f"no valid handshake ({_handshake_error(exc, self.tls is not None)})"
         else:
             with self.lock:
                 if self.stopping or self.handshaking.pop(conn, None) is None:
-                    return False  # evicted at the last moment, or the master is stopping
+                    return False, None  # evicted at the last moment, or the master is stopping
                 self.serving.add(conn)
             wire.tune(conn.sock, keepalive=True)
             conn.timeout = None
-            return True
+            return True, identity
         with self.lock:
             self._rejected(peer, reason)
-        return False
+        return False, None
 
-    def _request_loop(self, conn: wire.Connection, peer) -> None:
+    def _request_loop(self, conn: wire.Connection, peer, identity: tlsmod.Identity | None) -> None:
         while True:
             try:
                 request = conn.recv()
@@ -222,7 +255,7 @@ class Server:
                     return
                 self.calls += counted
             try:
-                reply = self._dispatch(request, peer)
+                reply = self._dispatch(request, peer, identity)
             except ConnectionAbortedError:  # cut short by the master stopping: no reply
                 return
             finally:
@@ -236,7 +269,7 @@ class Server:
             except Exception as exc:  # the value would not pickle
                 conn.send(("#ERROR", RuntimeError(f"the reply could not be sent: {describe_error(exc)}")))
 
-    def _dispatch(self, request, peer):
+    def _dispatch(self, request, peer, identity: tlsmod.Identity | None = None):
         """The reply to one request (see the module docstring)."""
         if not (isinstance(request, tuple) and len(request) == 4 and isinstance(request[0], (str, type(None)))
                 and isinstance(request[1], str) and isinstance(request[2], tuple) and isinstance(request[3], dict)):
@@ -252,6 +285,13 @@ class Server:
         service = self.services.get(ident)
         if service is None or method not in service.exposed:
             return self._refuse(peer, f"call {method!r} on {ident!r} is not served")
+        if identity is not None:
+            try:
+                if service.authorize is None:
+                    raise PermissionError(f"{identity} may not call {method}")
+                service.authorize(identity, method, args, kwargs)
+            except PermissionError as exc:
+                return self._refuse(peer, str(exc))
         try:
             return ("#RETURN", getattr(service.obj, method)(*args, **kwargs))
         except ConnectionAbortedError:  # the service is stopping: see _request_loop
@@ -295,6 +335,12 @@ class Server:
         if self.thread is not None:
             self.thread.join(2.0)
         self.listener.close()
+
+
+def _handshake_error(exc: BaseException, over_tls: bool) -> str:
+    if over_tls and isinstance(exc, TimeoutError):
+        return "timed out: no TLS handshake (a plaintext client?)"
+    return describe_error(exc)
 
 
 def _host(peer) -> str:

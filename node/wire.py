@@ -8,6 +8,8 @@ stock classes lack, added here:
 - `Connection` works over a socket (not a raw fd) and takes a *total* deadline: a peer
   that trickles a byte at a time cannot hold a handshake open past it;
 - nothing is unpickled before the peer has authenticated (`recv_bytes(256)` only);
+- optional TLS 1.3 around it all (node/tls.py): the TLS handshake, then the authkey
+  challenge inside it, both within the same deadline;
 - `Caller` makes calls on one remote object from any number of threads over a small
   pool of authenticated connections, and turns every way of losing the master into
   `MasterUnavailable`; it never reuses a connection whose call failed.
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import pickle
 import socket
+import ssl
 import struct
 import threading
 import time
 from multiprocessing import AuthenticationError
 from multiprocessing import connection as mpc
 
+from node import tls as tlsmod
 from node.config import describe_error, format_address
 from node.errors import MasterUnavailable, RemoteError
 
@@ -126,27 +130,39 @@ def tune(sock: socket.socket, keepalive: bool = False) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
-def serve_handshake(conn: Connection, authkey: bytes) -> None:
-    """The server's side: challenge the peer, then answer its challenge, within
-    HANDSHAKE_TIMEOUT in all. Raises AuthenticationError, EOFError or OSError."""
+def serve_handshake(conn: Connection, authkey: bytes) -> tlsmod.Identity | None:
+    """The server's side: the TLS handshake if `conn` is over TLS, then challenge the
+    peer and answer its challenge, within HANDSHAKE_TIMEOUT in all. Returns the peer's
+    TLS identity (None over plaintext). Raises AuthenticationError, EOFError, OSError
+    (ssl.SSLError: a plaintext peer, a certificate refused) or PermissionError."""
     conn.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    peer = None
+    if isinstance(conn.sock, ssl.SSLSocket):
+        conn._arm()
+        conn.sock.do_handshake()
+        peer = tlsmod.identity(conn.sock)
     mpc.deliver_challenge(conn, authkey)
     mpc.answer_challenge(conn, authkey)
     conn.deadline = None
+    return peer
 
 
-def dial(address: tuple[str, int], authkey: bytes, reply_timeout: float = REPLY_TIMEOUT) -> Connection:
-    """An authenticated connection to the master. Raises MasterUnavailable or
-    AuthenticationError (the message says what to do)."""
+def dial(address: tuple[str, int], authkey: bytes, reply_timeout: float = REPLY_TIMEOUT,
+         tls: tlsmod.TLS | None = None) -> Connection:
+    """An authenticated connection to the master, over TLS when `tls` is given. Raises
+    MasterUnavailable or AuthenticationError (the message says what to do)."""
     where = format_address(address)
     try:
         sock = socket.create_connection(tuple(address), timeout=CONNECT_TIMEOUT)
     except OSError as exc:
         raise MasterUnavailable(f"cannot reach the master at {where}: {describe_error(exc)}") from None
     tune(sock)
-    conn = Connection(sock)
+    conn = Connection(tls.wrap_client(sock, address[0]) if tls else sock)
     try:
         conn.deadline = time.monotonic() + HANDSHAKE_TIMEOUT + CONNECT_TIMEOUT
+        if tls:
+            conn._arm()
+            conn.sock.do_handshake()
         mpc.answer_challenge(conn, authkey)
         mpc.deliver_challenge(conn, authkey)
         conn.deadline, conn.timeout = None, reply_timeout
@@ -156,9 +172,24 @@ def dial(address: tuple[str, int], authkey: bytes, reply_timeout: float = REPLY_
         raise AuthenticationError(
             f"authentication failed with the master at {where}: the authkey file does not hold the master's key"
         ) from None
+    except ssl.SSLError as exc:
+        conn.close()
+        raise AuthenticationError(f"TLS with the master at {where} failed: {_tls_reason(exc)}") from None
     except (OSError, EOFError, AssertionError) as exc:  # answer_challenge asserts on a non-challenge
         conn.close()
         raise MasterUnavailable(f"cannot reach the master at {where}: {describe_error(exc)}") from None
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """What a TLS failure means, in words an operator can act on."""
+    reason = (exc.reason or str(exc)).lower()
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the master's certificate is not trusted ({exc.verify_message})"
+    if "wrong_version_number" in reason or "record_layer_failure" in reason or "packet_length" in reason:
+        return "the master does not speak TLS on this port (a plaintext master?)"
+    if "alert" in reason:
+        return f"the master refused this agent's certificate ({reason.split('alert_', 1)[-1].replace('_', ' ')})"
+    return reason.replace("_", " ")
 
 
 class Caller:
@@ -170,9 +201,10 @@ class Caller:
     read at every dial (a rotated key file is picked up on reconnect)."""
 
     def __init__(self, address: tuple[str, int], authkey, ident: str = "master",
-                 reply_timeout: float = REPLY_TIMEOUT):
+                 reply_timeout: float = REPLY_TIMEOUT, tls: tlsmod.TLS | None = None):
         self.address = tuple(address)
         self.authkey = authkey
+        self.tls = tls
         self.ident = ident
         self.reply_timeout = reply_timeout
         self._idle: list[Connection] = []
@@ -185,7 +217,7 @@ class Caller:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return dial(self.address, self._key(), self.reply_timeout)
+        return dial(self.address, self._key(), self.reply_timeout, self.tls)
 
     def connect(self) -> None:
         """Dial now (raising as dial does) and keep the connection for the next call."""

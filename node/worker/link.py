@@ -48,7 +48,7 @@ class Link:
         self.authkey_file = authkey_file
         where = worker.master
         self.where = format_address(where)
-        self.caller = wire.Caller(where, self._read_key, reply_timeout=REPLY_TIMEOUT)
+        self.caller = wire.Caller(where, self._read_key, reply_timeout=REPLY_TIMEOUT, tls=worker.tls)
         self.ever_connected = False
         self.connected = False
         self.backoff = 0.5
@@ -96,9 +96,9 @@ class Link:
         w = self.worker
         try:
             self._introduce()
-        except AuthenticationError as exc:
+        except (AuthenticationError, PermissionError) as exc:  # a wrong key, a certificate refused
             if not self.ever_connected:
-                w.fail(str(exc), code=2)  # a wrong key at first start: a configuration error
+                w.fail(str(exc), code=2)  # at first start: a configuration error
                 w.draining.set()
                 return False
             self._retry_later(f"{exc} (re-reading {self.authkey_file} at every try)")
