@@ -139,7 +139,10 @@ def serve_handshake(conn: Connection, authkey: bytes) -> tlsmod.Identity | None:
     peer = None
     if isinstance(conn.sock, ssl.SSLSocket):
         conn._arm()
-        conn.sock.do_handshake()
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLEOFError:  # closed before a word: a port probe, as over plaintext
+            raise EOFError("connection closed by the peer") from None
         peer = tlsmod.identity(conn.sock)
     mpc.deliver_challenge(conn, authkey)
     mpc.answer_challenge(conn, authkey)

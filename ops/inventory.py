@@ -36,6 +36,14 @@ class Fleet:
     hosts: list  # of Host, master first
     master_address: str  # HOST:PORT
     authkey_file: Path
+    tls: bool = True  # the fleet speaks TLS (taskfleet_tls): the controller uses its identities below
+
+    def tls_dir(self, role: str = "client") -> Path | None:
+        """The controller's TLS directory for `role` (client or admin), made by the
+        deploy (roles/common/tasks/tls-controller.yml); None for a plaintext fleet."""
+        if not self.tls:
+            return None
+        return Path(os.environ.get("TASKFLEET_TLS_DIR") or self.inventory / "secrets" / "tls" / "controller" / role)
 
     def select(self, names: str | None) -> list:
         """Hosts by comma-separated inventory names or group names (None: all)."""
@@ -78,4 +86,12 @@ def load(inventory: str | Path = LOCAL_INVENTORY) -> Fleet:
     address = master_vars.get("taskfleet_master_address", hosts[0].address)
     port = master_vars.get("taskfleet_master_port", DEFAULT_PORT)
     key = Path(os.environ.get("TASKFLEET_AUTHKEY_FILE") or path / "secrets" / "authkey")
-    return Fleet(path, hosts, os.environ.get("TASKFLEET_MASTER") or f"{address}:{port}", key)
+    tls = _truthy(master_vars.get("taskfleet_tls", True))
+    return Fleet(path, hosts, os.environ.get("TASKFLEET_MASTER") or f"{address}:{port}", key, tls)
+
+
+def _truthy(value) -> bool:
+    """An Ansible boolean as the inventory may write it (true, "yes", "false", 0, ...)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on", "y", "t")
+    return bool(value)

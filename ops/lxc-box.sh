@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the local cluster's Vagrant box for the LXC provider (vagrant-lxc 1.4 format) from
-# debootstrap: Debian 12 minbase + systemd, systemd-networkd, sshd, python3, sudo.
+# debootstrap: Debian 12 minbase + systemd, systemd-networkd, sshd, python3, sudo, nftables
+# (a standard Debian install has it; the master's firewall needs it and the hosts have no mirror).
 #
 #   ops/lxc-box.sh OUTPUT.box
 #
@@ -13,7 +14,7 @@ out=${1:?usage: $0 OUTPUT.box}
 mirror=${TASKFLEET_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 vagrant_pub=${VAGRANT_INSECURE_PUB:-$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub 2>/dev/null | head -n1)}
-packages=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,iproute2,iputils-ping,procps
+packages=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,iproute2,iputils-ping,procps,nftables
 
 die() { echo "lxc-box: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot need it)"

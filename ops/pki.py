@@ -13,7 +13,8 @@ adds an identity's serial to the CRL and deletes its files, so the next `issue`
 makes a new one.
 
 Also a command for playbooks (delegated to the controller), so plain ansible-playbook
-works: `python ops/pki.py issue DIR NAME ROLE [--san X ...]` prints `changed` or `ok`.
+works: `python ops/pki.py issue DIR NAME ROLE [--san X ...] [--bundle DEST]` prints
+`changed` or `ok` (it creates the CA on first use).
 """
 
 from __future__ import annotations
@@ -196,6 +197,22 @@ class CA:
             path.unlink(missing_ok=True)
         return True
 
+    def bundle(self, name: str, dest) -> bool:
+        """Write `name`'s TLS directory for an agent or a client (node/tls.py: ca.crt,
+        node.crt, node.key) into `dest`, 0700; True if anything in it changed."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(dest, 0o700)
+        cert_path, key_path = self._paths(name)
+        changed = False
+        for src, target, mode in ((self.dir / "ca.crt", "ca.crt", 0o644), (cert_path, "node.crt", 0o644),
+                                  (key_path, "node.key", PRIVATE)):
+            data = src.read_bytes()
+            if not (dest / target).exists() or (dest / target).read_bytes() != data:
+                _write(dest / target, data, mode)
+                changed = True
+        return changed
+
     def issued(self) -> list[Issued]:
         revoked = self.revoked_serials()
         return [self._describe(x509.load_pem_x509_certificate(p.read_bytes()), revoked)
@@ -212,9 +229,20 @@ def main(argv=None) -> int:
     p.add_argument("--san", action="append", default=[])
     p.add_argument("--days", type=int, default=CERT_DAYS)
     p.add_argument("--renew-before", type=float, default=RENEW_BEFORE_DAYS)
+    p.add_argument("--bundle", metavar="DEST", help="also write the identity's TLS directory here (0700)")
+    p = sub.add_parser("revoke", help="revoke identities (their serials go into crl.pem); prints changed or ok")
+    p.add_argument("dir")
+    p.add_argument("names", nargs="+", metavar="NAME")
     args = parser.parse_args(argv)
     ca = CA.create(args.dir)
-    print("changed" if ca.issue(args.name, args.role, args.san, args.days, args.renew_before) else "ok")
+    if args.command == "revoke":
+        revoked = [name for name in args.names if ca.revoke(name)]
+        print("changed" if revoked else "ok")
+        return 0
+    changed = ca.issue(args.name, args.role, args.san, args.days, args.renew_before)
+    if args.bundle:
+        changed = ca.bundle(args.name, args.bundle) or changed
+    print("changed" if changed else "ok")
     return 0
 
 
