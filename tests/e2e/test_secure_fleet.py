@@ -1,0 +1,132 @@
+"""The deployed fleet is encrypted and least-privilege: TLS on every link (nothing readable
+on the wire), tight modes on every key, a firewall that admits only the fleet and the
+controller, and revocation that locks one host out at once while the others work on.
+
+Each test starts from the deployed fleet (`fleet` deploys once per session) and puts
+back what it changes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import stat
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from ops import localcluster
+from tests.waiting import wait_for
+
+PORT = 5000
+
+
+def test_keys_and_certificates_have_tight_modes(fleet, master_host, worker_hosts):
+    for host in [master_host, *worker_hosts]:
+        tls = host.file("/etc/taskfleet/tls")
+        assert (tls.mode, tls.user, tls.group) == (0o750, "root", "taskfleet")
+        key = host.file("/etc/taskfleet/tls/node.key")
+        assert (key.mode, key.user, key.group) == (0o640, "root", "taskfleet")
+        for public in ("ca.crt", "node.crt"):
+            assert host.file(f"/etc/taskfleet/tls/{public}").mode == 0o644
+        assert not host.file("/etc/taskfleet/tls/ca.key").exists, "the CA's key never leaves the controller"
+    assert master_host.file("/etc/taskfleet/tls/crl.pem").exists
+    ca = fleet.inventory / "secrets" / "tls"
+    assert stat.S_IMODE(ca.stat().st_mode) == 0o700
+    keys = [ca / "ca.key", *(ca / "issued").glob("*.key"), *(ca / "controller").glob("*/node.key")]
+    assert len(keys) >= 1 + len(fleet.hosts) + 2
+    for key in keys:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+
+
+def test_the_deploy_output_holds_no_private_key(fleet, first_deploy):
+    ca = fleet.inventory / "secrets" / "tls"
+    output = first_deploy.stdout + first_deploy.stderr
+    for key in [ca / "ca.key", *(ca / "issued").glob("*.key")]:
+        body = "".join(key.read_text().splitlines()[1:-1])
+        assert body[:40] not in output, f"{key.name} appears in the deploy's output"
+
+
+@pytest.fixture
+def bridge():
+    return localcluster.settings().bridge
+
+
+def test_no_task_argument_crosses_the_network_in_clear(client, fleet, bridge, tmp_path):
+    if shutil.which("tcpdump") is None:
+        pytest.skip("tcpdump is not installed (./invoke test installs it)")
+    marker = f"tf-marker-{uuid.uuid4().hex}"
+    capture = tmp_path / "bridge.pcap"
+    dump = subprocess.Popen(["tcpdump", "-i", bridge, "-U", "-s", "0", "-w", str(capture), "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: capture.exists(), 10, "tcpdump to start capturing")
+        time.sleep(0.5)
+        job = client.submit("fail", [[marker]] * 20, retries=0)  # the marker goes out as arguments and comes back
+        results = job.wait()                                      # in every failure's message
+        assert len(results) == 20 and all(marker in r.error for r in results)
+        # control: the capture sees payloads: the marker sent in clear to the master's SSH port shows up
+        with socket.create_connection((fleet.master_address.rsplit(":", 1)[0], 22), timeout=5) as probe:
+            probe.sendall(f"control-{marker}\r\n".encode())
+            time.sleep(0.5)
+    finally:
+        time.sleep(1)
+        dump.terminate()
+        dump.wait(10)
+    seen = capture.read_bytes()
+    assert f"control-{marker}".encode() in seen, "control: the capture on the bridge did not see the probe"
+    assert seen.replace(f"control-{marker}".encode(), b"").count(marker.encode()) == 0, \
+        "a task's argument or result crossed the bridge in clear"
+
+
+def _connects(target: str, source: str | None) -> bool:
+    sock = socket.socket()
+    sock.settimeout(3)
+    try:
+        if source:
+            sock.bind((source, 0))
+        sock.connect((target, PORT))
+        return True
+    except (TimeoutError, socket.timeout, ConnectionRefusedError, OSError):
+        return False
+    finally:
+        sock.close()
+
+
+def test_the_firewall_admits_only_the_fleet_and_the_controller(fleet, bridge, master_host):
+    settings = localcluster.settings()
+    master = fleet.master_address.rsplit(":", 1)[0]
+    outsider = f"{settings.subnet}.250"
+    subprocess.run(["ip", "addr", "add", f"{outsider}/24", "dev", bridge], check=True)
+    try:
+        assert _connects(master, settings.controller_address), "the controller is let in"
+        assert not _connects(master, outsider), f"{outsider} is outside the fleet, yet reached the master's port"
+        counters = master_host.check_output("nft list chain inet taskfleet input")
+        assert "drop" in counters and "packets 0 " not in counters.split("counter")[-1]
+        for worker in (h for h in fleet.hosts if "workers" in h.groups):
+            assert f"{worker.address}" in master_host.check_output("nft list set inet taskfleet allowed4")
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{outsider}/24", "dev", bridge], check=False)
+
+
+def test_a_revoked_worker_is_locked_out_at_once_and_comes_back_with_a_new_certificate(client, fleet, operator):
+    workers = [h.name for h in fleet.hosts if "workers" in h.groups]
+    victim, others = workers[-1], workers[:-1]
+    job = client.submit("burn", [(30,)] * 300)
+    try:
+        out = operator("certs.revoke", victim, "--yes").stdout
+        assert f"{victim} revoked" in out
+        wait_for(lambda: victim not in {w["host"] for w in client.status()["workers"] if w["alive"]}, 40,
+                 f"{victim} to be locked out")
+        status = operator("certs.status").stdout
+        assert any(line.startswith(victim) and "none" in line for line in status.splitlines()), status
+        results = job.wait()
+        assert len(results) == 300 and all(r.ok for r in results), "nothing lost, nothing failed"
+        assert {r.host for r in results} & set(others), "the other workers went on"
+    finally:
+        operator("deploy", "--limit", victim)
+    wait_for(lambda: victim in {w["host"] for w in client.status()["workers"] if w["alive"]}, 60,
+             f"{victim} to rejoin with its new certificate")
+    assert any(line.startswith(victim) and "valid" in line for line in operator("certs.status").stdout.splitlines())
