@@ -107,10 +107,19 @@ def test_units_are_notify_with_watchdog_limits_and_no_restart_on_config_errors(t
     assert {key: unit.get(key) for key in expected} == {key: [value] for key, value in expected.items()}
     assert (defaults["taskfleet_watchdog_sec"], defaults["taskfleet_limit_nofile"]) == (60, 65536)
     assert "MemoryMax" not in unit, "no memory cap unless taskfleet_memory_max is set"
+
     assert unit["ExecStart"][0].endswith(f"/current/taskfleet-node.pyz {agent}")
     for directive in defaults["taskfleet_unit_hardening"]:
         key, _, value = directive.partition("=")
         assert unit.get(key) == [value], directive
+
+
+def test_the_memory_cap_is_a_knob():
+    template = ROLES / "common" / "templates" / "taskfleet.service.j2"
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = env.from_string(template.read_text()).render(
+        {**_defaults(), "taskfleet_agent": "worker", "ansible_managed": "m", "taskfleet_memory_max": "1G"})
+    assert "\nMemoryMax=1G\n" in text
 
 
 def _tasks(node):
