@@ -107,7 +107,6 @@ def test_units_are_notify_with_watchdog_limits_and_no_restart_on_config_errors(t
     assert {key: unit.get(key) for key in expected} == {key: [value] for key, value in expected.items()}
     assert (defaults["taskfleet_watchdog_sec"], defaults["taskfleet_limit_nofile"]) == (60, 65536)
     assert "MemoryMax" not in unit, "no memory cap unless taskfleet_memory_max is set"
-
     assert unit["ExecStart"][0].endswith(f"/current/taskfleet-node.pyz {agent}")
     for directive in defaults["taskfleet_unit_hardening"]:
         key, _, value = directive.partition("=")
