@@ -11,6 +11,8 @@ import jinja2
 import pytest
 import yaml
 
+from ops import dashboard_tasks
+from ops import inventory as inv
 from ops.paths import ROOT
 
 INVOKE = ROOT / "invoke"
@@ -67,6 +69,17 @@ def test_a_metrics_address_the_dashboard_cannot_use_is_one_line(tmp_path, value,
     assert line.startswith("dashboard: taskfleet_metrics_listen in ") and error in line, line
 
 
+@pytest.mark.parametrize(("listen", "remote"), [
+    ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+    ("10.0.0.5:9500", ("10.0.0.5", 9500)),
+    ("0.0.0.0:9464", ("127.0.0.1", 9464)),  # every address of the master: its loopback is one
+    (":9464", ("127.0.0.1", 9464)),
+])
+def test_the_tunnel_leads_to_the_metrics_address_as_the_master_sees_it(tmp_path, listen, remote):
+    fleet = inv.load(inventory(tmp_path, taskfleet_metrics_listen=listen))
+    assert dashboard_tasks._remote(fleet) == remote
+
+
 def scrape_config(listen: str) -> tuple[dict, str]:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     env.filters["basename"] = os.path.basename  # Ansible's filter
@@ -95,3 +108,8 @@ def test_the_scrape_config_targets_the_masters_metrics_address(listen, target):
 def test_the_scrape_config_of_a_master_without_metrics_scrapes_nothing():
     config, text = scrape_config("off")
     assert config == {"scrape_configs": []} and "serves no metrics" in text
+
+
+def test_without_the_variable_the_dashboard_reads_the_roles_default(tmp_path):
+    defaults = yaml.safe_load((ROOT / "playbooks" / "roles" / "master" / "defaults" / "main.yml").read_text())
+    assert inv.load(inventory(tmp_path)).metrics_listen == defaults["taskfleet_metrics_listen"] == "127.0.0.1:9464"

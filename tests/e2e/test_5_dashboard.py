@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import urllib.request
 
 from ops.paths import ROOT
 from tests.browser import keep_screenshot, look
@@ -65,3 +66,28 @@ def test_invoke_dashboard_says_plainly_when_nothing_answers(cluster, operator, i
     assert proc.stdout == ""
     assert "dashboard: nothing answers at 127.0.0.1:9 on tf-master" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_tunnel_is_reopened_when_the_master_restarts(first_deploy, master_host, background):
+    tunnel = background([INVOKE, "dashboard", "--port", "0"])
+    url = tunnel.first_line(60).split()[1] + "metrics"
+    assert get(url) == 200
+    try:
+        master_host.run_expect([0], "systemctl stop taskfleet-master")
+        assert get(url) is None, "the master is stopped: nothing answers"
+        wait_for(lambda: any("refused a connection" in line and "reopening the tunnel" in line
+                             for line in tunnel.lines), 30, "the tunnel to say it is reopened")
+    finally:
+        master_host.run_expect([0], "systemctl start taskfleet-master")
+    wait_for(lambda: get(url) == 200, 60, "the dashboard to answer again through the same tunnel", interval=1)
+    assert tunnel.stop(signal.SIGTERM) == 0, "`kill PID` closes the tunnel as cleanly as Ctrl-C"
+    assert tunnel.lines[-1] == "dashboard: tunnel closed", tunnel.lines
+
+
+def get(url: str):
+    """The HTTP status of a GET, or None if nothing answered within 5 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status
+    except OSError:
+        return None
