@@ -79,6 +79,8 @@ def _tunnel(conn, local_port: int, remote: tuple[str, int]) -> str | None:
     except ThreadException as exc:
         if stopped:  # connections cut by the stop itself
             return None
+        if not conn.is_connected:
+            raise Exit("dashboard: the SSH connection to the master was lost", code=3) from None
         error = exc.exceptions[0].value
         if not all(isinstance(wrapper.value, ChannelException) for wrapper in exc.exceptions):
             raise Exit(f"dashboard: the tunnel failed: {error!r}", code=1) from None
