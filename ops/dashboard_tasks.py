@@ -58,6 +58,11 @@ def _local_port(port: int) -> int:
         return sock.getsockname()[1]
 
 
+def _why(exc: BaseException) -> str:
+    """paramiko's refusal as the server said it ('Connect failed'), other errors as they are."""
+    return getattr(exc, "text", None) or str(exc) or type(exc).__name__
+
+
 def _interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
@@ -84,7 +89,7 @@ def _tunnel(conn, local_port: int, remote: tuple[str, int]) -> str | None:
         error = exc.exceptions[0].value
         if not all(isinstance(wrapper.value, ChannelException) for wrapper in exc.exceptions):
             raise Exit(f"dashboard: the tunnel failed: {error!r}", code=1) from None
-        return f"{format_address(remote)} refused a connection ({error})"
+        return f"{format_address(remote)} refused a connection ({_why(error)})"
     return None
 
 
@@ -111,12 +116,12 @@ def dashboard(c, inventory="inventory/local", port=DEFAULT_PORT):
         try:
             conn.open()
         except Exception as exc:  # refused, timed out, no route, key refused: paramiko's and socket's errors
-            raise Exit(f"dashboard: cannot reach the master {master.name} ({master.address}) over SSH: {exc}",
+            raise Exit(f"dashboard: cannot reach the master {master.name} ({master.address}) over SSH: {_why(exc)}",
                        code=3) from None
         try:  # one connection to the far end first, so that a stopped master is said plainly
             conn.transport.open_channel("direct-tcpip", remote, ("127.0.0.1", 0), timeout=CHECK_SECONDS).close()
         except Exception as exc:
-            raise Exit(f"dashboard: nothing answers at {format_address(remote)} on {master.name} ({exc}): "
+            raise Exit(f"dashboard: nothing answers at {format_address(remote)} on {master.name} ({_why(exc)}): "
                        "is the master deployed and running, its metrics on?", code=3) from None
         print(f"dashboard: http://127.0.0.1:{local_port}/", flush=True)
         print(f"(an SSH tunnel to {format_address(remote)} on {master.name}; Ctrl-C closes it)", flush=True)
