@@ -5,7 +5,7 @@ Each namespace lives in a small module under ops/; this file only assembles them
 
 from invoke import Collection
 
-from ops import bench_tasks, build_tasks, chaos_tasks, cluster
+from ops import bench_tasks, build_tasks, chaos_tasks, cluster, dashboard_tasks
 from ops import deploy as deploy_tasks
 from ops import fleet, lint_tasks, test_tasks
 
@@ -13,6 +13,7 @@ ns = Collection()
 ns.add_task(bench_tasks.bench)
 ns.add_task(build_tasks.build)
 ns.add_task(chaos_tasks.chaos)
+ns.add_task(dashboard_tasks.dashboard)
 ns.add_task(deploy_tasks.deploy)
 ns.add_task(lint_tasks.lint)
 ns.add_task(test_tasks.test)

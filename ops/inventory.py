@@ -14,6 +14,7 @@ from pathlib import Path
 
 from invoke.exceptions import Exit
 
+from node.config import DEFAULT_METRICS_PORT
 from ops.paths import LOCAL_INVENTORY, ROOT
 
 ANSIBLE_INVENTORY = ROOT / ".venv" / "bin" / "ansible-inventory"
@@ -36,6 +37,7 @@ class Fleet:
     hosts: list  # of Host, master first
     master_address: str  # HOST:PORT
     authkey_file: Path
+    metrics_listen: str  # the master's taskfleet_metrics_listen, as written in the inventory
 
     def select(self, names: str | None) -> list:
         """Hosts by comma-separated inventory names or group names (None: all)."""
@@ -78,4 +80,6 @@ def load(inventory: str | Path = LOCAL_INVENTORY) -> Fleet:
     address = master_vars.get("taskfleet_master_address", hosts[0].address)
     port = master_vars.get("taskfleet_master_port", DEFAULT_PORT)
     key = Path(os.environ.get("TASKFLEET_AUTHKEY_FILE") or path / "secrets" / "authkey")
-    return Fleet(path, hosts, os.environ.get("TASKFLEET_MASTER") or f"{address}:{port}", key)
+    # The master role's default when the inventory does not set it (roles/master/defaults).
+    metrics = str(master_vars.get("taskfleet_metrics_listen", f"127.0.0.1:{DEFAULT_METRICS_PORT}"))
+    return Fleet(path, hosts, os.environ.get("TASKFLEET_MASTER") or f"{address}:{port}", key, metrics)

@@ -10,8 +10,10 @@ from invoke.exceptions import Exit
 from ops import apt, localcluster
 from ops.paths import ROOT
 
-# The dashboard's test drives the page in a real browser: Debian's headless Chromium and its driver.
-BROWSER_PACKAGES = ("chromium", "chromium-driver")
+# The dashboard's tests drive the page in a real browser: Debian's headless Chromium and its
+# driver; the end-to-end tier scrapes the master with Debian's Prometheus (run by the test
+# itself: its package's service is not used).
+CONTROLLER_PACKAGES = ("chromium", "chromium-driver", "prometheus")
 
 
 @task(help={
@@ -22,10 +24,10 @@ BROWSER_PACKAGES = ("chromium", "chromium-driver")
 def test(c, e2e=True, keep_cluster=False, pytest_args=""):
     """Run the tests: unit, integration, and end-to-end on the local cluster (needs root)."""
     if apt.can_install():
-        apt.ensure(BROWSER_PACKAGES, "test")
-    elif apt.missing(BROWSER_PACKAGES):
-        print(f"==> not root or no apt-get: {' and '.join(BROWSER_PACKAGES)} cannot be installed; "
-              "the browser test of the dashboard will be skipped", flush=True)
+        apt.ensure(CONTROLLER_PACKAGES, "test")
+    elif missing := apt.missing(CONTROLLER_PACKAGES):
+        print(f"==> not root or no apt-get: {', '.join(missing)} cannot be installed; the tests that need "
+              "them (the dashboard in a browser, Prometheus) will be skipped", flush=True)
     was_up = localcluster.recorded() is not None
     marker = [] if e2e else ["-m", "not e2e"]
     command = ["pytest", "-p", "no:cacheprovider", "-rs", *marker, *shlex.split(pytest_args)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import browser  # noqa: F401 - the fixture of test_dashboard.py
 from tests.waiting import wait_for  # noqa: F401 - the tests import it from here
 
 ROOT = Path(__file__).resolve().parents[2]
