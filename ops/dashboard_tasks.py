@@ -7,18 +7,14 @@ master's loopback by default): no port is opened to the network for it.
 
 from __future__ import annotations
 
-import gc
 import logging
 import signal
 import socket
 import sys
 import threading
-import time
 
-from fabric.tunnels import TunnelManager
 from invoke import task
-from invoke.exceptions import Exit, ThreadException
-from paramiko.ssh_exception import ChannelException
+from invoke.exceptions import Exit
 
 from node.config import ConfigError, format_address, parse_metrics_listen
 from ops import inventory as inv
@@ -44,18 +40,20 @@ def _remote(fleet: inv.Fleet) -> tuple[str, int]:
     return ("127.0.0.1" if host in ("", "0.0.0.0", "::") else host), port
 
 
-def _local_port(port: int) -> int:
-    """`port` on 127.0.0.1 if it is free (0: a free one), checked by binding it as Fabric will."""
+def _listen(port: int) -> socket.socket:
+    """A listening socket on 127.0.0.1:`port` (0: a free one), or a one-line error."""
     if not 0 <= port < 65536:
         raise Exit(f"dashboard: bad --port {port}: expected 0 (any free port) to 65535", code=2)
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise Exit(f"dashboard: port {port} on 127.0.0.1 is taken ({exc.strerror}): "
-                       "choose another with --port (0: any free one)", code=2) from None
-        return sock.getsockname()[1]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise Exit(f"dashboard: port {port} on 127.0.0.1 is taken ({exc.strerror}): "
+                   "choose another with --port (0: any free one)", code=2) from None
+    sock.listen(16)
+    return sock
 
 
 def _why(exc: BaseException) -> str:
@@ -67,39 +65,48 @@ def _interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
 
-def _tunnel(conn, local_port: int, remote: tuple[str, int]) -> str | None:
-    """Forward 127.0.0.1:local_port to `remote` until interrupted (None) or until Fabric's
-    tunnel thread ends because the far end refused a connection (why, as a string)."""
-    before, stopped = set(threading.enumerate()), False
+def _pipe(src, dst) -> None:
+    """Copy bytes from `src` to `dst` until either end closes; then close both."""
     try:
-        with conn.forward_local(local_port, remote_port=remote[1], remote_host=remote[0], local_host="127.0.0.1"):
-            manager = next(t for t in threading.enumerate() if t not in before and isinstance(t, TunnelManager))
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (src, dst):
             try:
-                while manager.is_alive():
-                    if not conn.is_connected:
-                        raise Exit("dashboard: the SSH connection to the master was lost", code=3)
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                stopped = True
-    except ThreadException as exc:
-        if stopped:  # connections cut by the stop itself
-            return None
+                end.close()
+            except OSError:
+                pass
+
+
+def _forward(conn, listener: socket.socket, remote: tuple[str, int]) -> None:
+    """Forward every connection accepted on `listener` over its own SSH channel (Fabric's
+    connection, paramiko's direct-tcpip) to `remote`, until interrupted. A connection the
+    far end refuses (the master restarting, say) is closed alone: the tunnel stays."""
+    listener.settimeout(0.5)
+    refusing = False
+    while True:
         if not conn.is_connected:
-            raise Exit("dashboard: the SSH connection to the master was lost", code=3) from None
-        error = exc.exceptions[0].value
-        if not all(isinstance(wrapper.value, ChannelException) for wrapper in exc.exceptions):
-            raise Exit(f"dashboard: the tunnel failed: {error!r}", code=1) from None
-        return f"{format_address(remote)} refused a connection ({_why(error)})"
-    return None
-
-
-def _forward(conn, local_port: int, remote: tuple[str, int]) -> None:
-    """Forward until interrupted. Fabric's tunnel thread ends when the far end refuses one
-    connection (the master restarting, say): the tunnel is then opened again, same port."""
-    while (why := _tunnel(conn, local_port, remote)) is not None:
-        print(f"dashboard: {why}; reopening the tunnel", file=sys.stderr, flush=True)
-        gc.collect()  # the ended thread's listening socket is held in its traceback until collected
-        time.sleep(1)
+            raise Exit("dashboard: the SSH connection to the master was lost", code=3)
+        try:
+            local, peer = listener.accept()
+        except socket.timeout:
+            continue
+        try:
+            channel = conn.transport.open_channel("direct-tcpip", remote, peer, timeout=CHECK_SECONDS)
+        except Exception as exc:
+            local.close()
+            if not refusing:  # said once per outage, not at every poll of the page
+                print(f"dashboard: {format_address(remote)} refused a connection ({_why(exc)}); "
+                      "the tunnel stays open", file=sys.stderr, flush=True)
+            refusing = True
+            continue
+        if refusing:
+            print(f"dashboard: {format_address(remote)} answers again", file=sys.stderr, flush=True)
+        refusing = False
+        for src, dst in ((local, channel), (channel, local)):
+            threading.Thread(target=_pipe, args=(src, dst), daemon=True).start()
 
 
 @task(help={"inventory": INVENTORY_HELP,
@@ -108,7 +115,8 @@ def dashboard(c, inventory="inventory/local", port=DEFAULT_PORT):
     """Open the master's dashboard here through an SSH tunnel; Ctrl-C closes it."""
     fleet = inv.load(inventory)
     remote = _remote(fleet)
-    local_port = _local_port(int(port))
+    listener = _listen(int(port))
+    local_port = listener.getsockname()[1]
     master = fleet.hosts[0]
     logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)  # a refused channel: said below, once
     conn = connect(master)
@@ -127,9 +135,10 @@ def dashboard(c, inventory="inventory/local", port=DEFAULT_PORT):
         print(f"(an SSH tunnel to {format_address(remote)} on {master.name}; Ctrl-C closes it)", flush=True)
         signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` closes it as cleanly as Ctrl-C
         try:
-            _forward(conn, local_port, remote)
-        except KeyboardInterrupt:  # between two openings of the tunnel
+            _forward(conn, listener, remote)
+        except KeyboardInterrupt:
             pass
         print("dashboard: tunnel closed", flush=True)
     finally:
+        listener.close()
         conn.close()
