@@ -71,7 +71,8 @@ class Setting(NamedTuple):
 LOG_LEVEL = Setting("--log-level", "TASKFLEET_LOG_LEVEL", "INFO", lambda t: parse_choice(t, LOG_LEVELS),
                     "LEVEL", "DEBUG, INFO, WARNING or ERROR")
 AUTHKEY_FILE = Setting("--authkey-file", "TASKFLEET_AUTHKEY_FILE", None, str, "PATH",
-                       "file holding the shared authkey; must not be readable by others")
+                       "file holding the shared authkey (several, one per line, during a rotation: the first is "
+                       "dialed, the master accepts any; re-read when it changes); must not be readable by others")
 MASTER = Setting("--master", "TASKFLEET_MASTER", None, parse_address, "HOST:PORT", "the master's address")
 LISTEN = Setting("--listen", "TASKFLEET_LISTEN", "0.0.0.0:5000", lambda t: parse_address(t, default_host="0.0.0.0"),
                  "HOST:PORT", "address to listen on")
@@ -399,12 +400,14 @@ def _run_master(args) -> int:
     """Check the configuration (exit 2 on a bad one), then serve until stopped."""
     if not args.state_dir:
         raise ConfigError("no state directory: pass --state-dir DIR or set TASKFLEET_STATE_DIR")
-    key = read_authkey(args.authkey_file)
+    from node.wire import Keyring
+
+    keyring = Keyring(args.authkey_file)  # read now: exit 2 if unusable; then again whenever it changes
     check_state_dir(args.state_dir)
     from node.master import run_master
 
     try:
-        return run_master(args.listen, key, args.state_dir, _modules(args), worker_ttl=args.worker_ttl,
+        return run_master(args.listen, keyring, args.state_dir, _modules(args), worker_ttl=args.worker_ttl,
                           max_payload=args.max_payload, durability=args.durability, retention=args.retention,
                           max_jobs=args.max_jobs, metrics_listen=args.metrics_listen)
     except OSError as exc:
@@ -419,7 +422,7 @@ def _run_master(args) -> int:
 
 
 def _run_worker(args) -> int:
-    """Check the key file once (exit 2 if unusable); the worker re-reads it on every reconnect."""
+    """Check the key file once (exit 2 if unusable); the worker re-reads it whenever it changes."""
     master = _master_address(args)
     read_authkey(args.authkey_file)
     from node.worker import Worker
