@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per task result")
     p.add_argument("--wait", action="store_true", help="wait until every task has a result")
     p.add_argument("--failed", action="store_true", help="only the tasks that failed")
+
+    p = _subcommand(sub, "forget", "forget the workers of removed hosts",
+                    "Make the master forget the workers of each HOST (a host removed from the fleet): status no "
+                    "longer lists them. Refused while one of them is connected: stop it first.",
+                    MASTER, AUTHKEY_FILE)
+    p.add_argument("hosts", nargs="+", metavar="HOST", help="a worker host's name, as status shows it")
     return parser
 
 
@@ -314,11 +320,12 @@ def status_lines(status: dict, rates: dict | None = None) -> list[str]:
              + (f", dashboard http://{m['metrics']}/" if m.get("metrics") else ""),
              f"tasks  {t['queued']} queued, {t['leased']} leased, {t['done']} done, {t['failed']} failed; "
              f"{t['open_jobs']} open job(s) of {t['jobs']} kept; throughput {status['throughput']} tasks/s (last 10 s)"]
-    rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE") + (("RATE",) if rates is not None else ())]
+    rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE", "KEY")
+            + (("RATE",) if rates is not None else ())]
     for w in status["workers"]:
         state = "alive" if w["alive"] else w["state"]
         row = (w["host"], w["id"], str(w["pid"]), str(w["concurrency"]), state, _ago(w["last_seen_ago"]),
-               str(w["done"]))
+               str(w["done"]), w.get("key") or "-")
         if rates is not None:
             row += (f"{rates[w['id']]:.1f}/s" if w["id"] in rates else "-",)
         rows.append(row)
@@ -326,6 +333,9 @@ def status_lines(status: dict, rates: dict | None = None) -> list[str]:
     lines.append(f"workers  {sum(1 for w in status['workers'] if w['alive'])} alive")
     for row in rows:
         lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    keys = status.get("keyring")
+    if keys:  # fingerprints (sha256 prefixes), never keys
+        lines.append(f"authkeys  {', '.join(keys['ring'])} (the master's ring); this client's: {keys['caller']}")
     for peer in status.get("rejected", []):
         lines.append(f"refused  {peer['host']}: {peer['count']} time(s), last {_ago(peer['seconds_ago'])}: "
                      f"{peer['reason']}")
@@ -457,6 +467,11 @@ def _run(args) -> int:
             print(json.dumps(status, indent=2))
         else:
             print_status(status)
+        return 0
+    if args.command == "forget":
+        with _client(args) as client:
+            for host in args.hosts:
+                print(f"forgot {client.call('forget', host)} worker(s) of {host}")
         return 0
     if args.command == "results":
         with _client(args) as client:

@@ -321,7 +321,7 @@ class Master:
             "rejected": self.server.rejected_peers() if self.server else [],
             # Fingerprints (wire.fingerprint), never keys: the ring in the file's order, and
             # the key this status call came with.
-            "authkeys": {"ring": list(self.server.key_ids), "caller": self.server.caller_key()}
+            "keyring": {"ring": list(self.server.key_ids), "caller": self.server.caller_key()}
             if self.server else None,
         }
 
