@@ -2,9 +2,9 @@
 
 `Master` is the service workers and clients call (through server.Server). Workers:
 hello, heartbeat, lease, complete, release, goodbye, each for themselves. Clients:
-submit, withdraw, job, results, status; operators: forget (a removed worker host). Every argument from the wire is checked here
-before it reaches the scheduler; a malformed one is refused with a plain error and
-changes nothing.
+submit, withdraw, job, results, status; operators: forget (a removed worker host).
+Every argument from the wire is checked here before it reaches the scheduler; a
+malformed one is refused with a plain error and changes nothing.
 """
 
 from __future__ import annotations
