@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from multiprocessing import AuthenticationError
-from pathlib import Path
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -30,13 +29,19 @@ VAULT_HINT = ("the authkey is the vaulted variable taskfleet_authkey in {invento
               "invoke key.rotate again")
 
 
-def _check_from_here(fleet: inv.Fleet, step: str, old: bytes, new: bytes) -> None:
+def _agents(status: dict) -> set:
+    """The running agents, by process: the master's pid and each live worker's id (host, pid)."""
+    return {f"master pid {status['master']['pid']}"} | {w["id"] for w in status["workers"] if w["alive"]}
+
+
+def _check_from_here(fleet: inv.Fleet, step: str, old: bytes, new: bytes) -> set:
     """What the controller sees after `step`: the key it should dial is served (and, after
-    remove, the old one refused)."""
+    remove, the old one refused). Returns the running agents (_agents)."""
     dial = old if step == "install" else new
     ring = {"install": [old, new], "use": [new, old], "remove": [new]}[step]
     with Client(fleet.master_address, dial, retry_for=10) as client:
-        seen = client.status()["keyring"]
+        status = client.status()
+    seen = status["keyring"]
     expected = {"ring": [wire.fingerprint(k) for k in ring], "caller": wire.fingerprint(dial)}
     if seen != expected:
         raise Exit(f"key.rotate: after {step} the master reports {seen}, expected {expected}; "
@@ -46,8 +51,9 @@ def _check_from_here(fleet: inv.Fleet, step: str, old: bytes, new: bytes) -> Non
             with Client(fleet.master_address, old, retry_for=0) as client:
                 client.status()
         except AuthenticationError:
-            return
+            return _agents(status)
         raise Exit("key.rotate: the master still serves the old key after remove; run invoke key.rotate again", 1)
+    return _agents(status)
 
 
 @task(help={"inventory": "Ansible inventory of the fleet; default inventory/local",
@@ -67,21 +73,26 @@ def rotate(c, inventory=DEFAULT_INVENTORY, yes=False):
     if not yes:
         confirm(f"Rotate the authkey of the {len(fleet.hosts)} host(s) of {path.name} (running work carries on)?")
     started = time.monotonic()
+    seen = []  # the running agents after each step
     for step in STEPS:
         step_started = time.monotonic()
         play(c, path, PLAYBOOK, "-e", f"taskfleet_key_step={step}", what=f"key-rotate-{step}")
         if not vaulted:  # the play generated secrets/authkey.next at install if it was missing
-            _check_from_here(fleet, step, wire.Keyring(str(current)).dial_key(),
-                             wire.Keyring(str(following)).dial_key())
+            seen.append(_check_from_here(fleet, step, wire.Keyring(str(current)).dial_key(),
+                                         wire.Keyring(str(following)).dial_key()))
         print(f"==> key.rotate: {step} done and checked in {time.monotonic() - step_started:.1f} s")
     if vaulted:
         print("==> key.rotate: every host now holds taskfleet_authkey_next alone. Move its value to "
               "taskfleet_authkey and delete taskfleet_authkey_next: until then invoke deploy refuses to run.")
+        return
+    old, new = (wire.fingerprint(wire.Keyring(str(f)).dial_key()) for f in (current, following))
+    os.replace(following, current)  # the controller now holds the new key alone
+    print(f"==> key.rotate: authkey {old} replaced by {new} in {time.monotonic() - started:.1f} s")
+    if seen[0] == seen[-1]:
+        print(f"==> key.rotate: the same {len(seen[0])} agent process(es) ran throughout: none restarted")
     else:
-        old = wire.fingerprint(wire.Keyring(str(current)).dial_key())
-        os.replace(following, current)  # the controller now holds the new key alone
-        print(f"==> key.rotate: authkey {old} replaced by {wire.fingerprint(Path(current).read_bytes().strip())} "
-              f"in {time.monotonic() - started:.1f} s, no agent restarted")
+        print(f"==> key.rotate: WARNING: agents changed during the rotation: {sorted(seen[0] ^ seen[-1])} "
+              "(see invoke logs)")
 
 
 ns = Collection("key")
