@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from multiprocessing import AuthenticationError
 
 from node import wire
@@ -156,8 +157,8 @@ def test_key_rotation_mid_job_no_restart_and_the_old_key_refused_after_remove(fl
 
     caller.join(30)
     assert not caller.is_alive(), "the old key is still served after the remove step"
-    remove_started = min(p.stat().st_mtime for p in LOG_DIR.glob("key-rotate-remove-*.log")
-                         if p.stat().st_mtime >= started)
+    remove_started = min(t for t in (datetime.strptime(p.name, "key-rotate-remove-%Y%m%d-%H%M%S-%f.log").timestamp()
+                                     for p in LOG_DIR.glob("key-rotate-remove-*.log")) if t >= started)
     served = [t for t, what in calls if what == "ok"]
     assert served and max(served) > started and calls[-1][0] >= remove_started
     assert all(what == "ok" for t, what in calls if t < remove_started), "the old key failed before the remove step"
