@@ -4,6 +4,7 @@ leaves a deployed fleet behind (in a finally), so none depends on another."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from multiprocessing import AuthenticationError
 
 from node import wire
 from node.client import Client
-from ops.deploy import LOG_DIR
+from ops.deploy import LOG_DIR, parse_recap
 from ops.paths import ROOT
 from tests.e2e.conftest import host
 from tests.waiting import wait_for
@@ -149,7 +150,15 @@ def test_key_rotation_mid_job_no_restart_and_the_old_key_refused_after_remove(fl
     caller = threading.Thread(target=keep_calling, daemon=True)
     caller.start()
     started = time.time()
-    rotated = operator("key.rotate", "--yes")
+    # A rotation stopped after its first step, run with plain ansible-playbook ...
+    installed = subprocess.run([str(ROOT / ".venv/bin/ansible-playbook"), "-i", str(fleet.inventory),
+                                "playbooks/key-rotate.yml", "-e", "taskfleet_key_step=install"],
+                               cwd=ROOT, capture_output=True, text=True,
+                               env={**os.environ, "ANSIBLE_CONFIG": "ansible.cfg"})
+    assert installed.returncode == 0 and "Step install done" in installed.stdout, installed.stdout[-2000:]
+    refused_deploy = operator("deploy", check=False)  # ... blocks a deploy, which would write the old key alone
+    assert refused_deploy.returncode != 0 and "Check no authkey rotation is under way" in refused_deploy.stdout
+    rotated = operator("key.rotate", "--yes")  # ... and is finished by running the command again
     for step in ("install", "use", "remove"):
         print(f"key.rotate {step}: {took(rotated, f'key.rotate: {step} done'):.1f} s")
     print(f"key.rotate in all: {took(rotated, 'key.rotate: authkey'):.1f} s")
@@ -172,6 +181,8 @@ def test_key_rotation_mid_job_no_restart_and_the_old_key_refused_after_remove(fl
     assert status["keyring"] == {"ring": [new], "caller": new} and new != wire.fingerprint(old)
     assert {w["key"] for w in status["workers"] if w["alive"]} == {new}
     assert systemd_state(agents) == before, "an agent exited or restarted during the rotation"
+    recap = parse_recap(operator("deploy").stdout)  # the new key is what a deploy writes: nothing changes
+    assert recap and {h: c["changed"] for h, c in recap.items()} == {h: 0 for h in recap}
     refused = subprocess.run([sys.executable, "-m", "node", "status", "--master", fleet.master_address,
                               "--authkey-file", str(old_file)], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
