@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import socket
 import subprocess
 import threading
 from multiprocessing import AuthenticationError
 from multiprocessing import connection as mpc
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +194,36 @@ def test_the_tutorials_scripts_work_with_any_key_of_a_masters_ring(agents, tmp_p
     assert produced.returncode == 0, produced.stderr
     assert produced.stdout.strip() == str(sorted(n * n for n in range(10)))
     assert worker.wait(30) == 0
+
+
+PYENV = Path("/root/.pyenv/versions")
+CROSS = [("3.13.0", "3.9.18"), ("3.9.18", "3.13.0"), ("3.12.1", "3.12.1")]  # (the master's Python, the peers')
+
+
+@pytest.mark.parametrize("master_python, peer_python", CROSS, ids=[f"master{m}-peers{p}" for m, p in CROSS])
+def test_a_keyring_master_and_peers_of_other_python_versions(agents, tmp_path, master_python, peer_python):
+    """Python 3.12 changed the challenge's digest: a master on one version accepts either key
+    from the tutorial's scripts and taskfleet's CLI on another."""
+    master_py, peer_py = (PYENV / v / "bin" / "python3" for v in (master_python, peer_python))
+    if not (master_py.exists() and peer_py.exists()):
+        pytest.skip(f"needs {master_py} and {peer_py}")
+    ring(agents.key, NEW, OLD)
+    agents.start_master(python=str(master_py))
+    old_file, new_file = write_key(tmp_path / "old", OLD), write_key(tmp_path / "new", NEW)
+    (tmp_path / "tutorial_worker.py").write_text(TUTORIAL_WORKER)
+    (tmp_path / "tutorial_producer.py").write_text(TUTORIAL_PRODUCER)
+    worker = agents._spawn("tutorial-worker", [str(tmp_path / "tutorial_worker.py"), "127.0.0.1", str(agents.port),
+                                              str(old_file)], python=str(peer_py))
+    produced = subprocess.run([str(peer_py), str(tmp_path / "tutorial_producer.py"), str(agents.port), str(new_file)],
+                              capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert produced.returncode == 0, produced.stderr
+    assert produced.stdout.strip() == str(sorted(n * n for n in range(10)))
+    assert worker.wait(30) == 0
+    for key_file, key in ((old_file, OLD), (new_file, NEW)):
+        out = agents.cli("status", "--json", "--master", agents.master_address, "--authkey-file", str(key_file),
+                         python=str(peer_py), with_master=False)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["keyring"]["caller"] == wire.fingerprint(key)
+    refused = agents.cli("status", "--master", agents.master_address, "--authkey-file",
+                         str(write_key(tmp_path / "other", OTHER)), python=str(peer_py), with_master=False)
+    assert refused.returncode == 2 and "refused authkey" in refused.stderr
