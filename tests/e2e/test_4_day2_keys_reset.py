@@ -82,6 +82,30 @@ def test_removing_a_worker_mid_job_loses_nothing_and_deploy_brings_it_back(fleet
         assert victim in {r.host for r in again}
 
 
+def test_a_worker_host_that_is_down_is_forgotten_and_comes_back_with_a_deploy(fleet, cluster, operator):
+    operator("deploy")
+    victim = [n for n in cluster if n.group == "workers"][-1]
+    with Client.connect(fleet.master_address, str(fleet.authkey_file), retry_for=120) as client:
+        job = client.submit("sleep", [(0.1,)] * 200)
+        wait_for(lambda: job.progress()["done"] >= 20, 60, "the job to be under way")
+        subprocess.run(["lxc-stop", "-k", "-n", victim.container], check=True, capture_output=True)
+        subprocess.run(["ip", "link", "set", victim.veth, "down"], capture_output=True)  # may be gone already
+        try:
+            wait_for(lambda: victim.hostname not in {w["host"] for w in client.status()["workers"] if w["alive"]},
+                     60, f"the master to lose {victim.hostname}")
+            removed = operator("worker.remove", victim.hostname, "--yes")
+            assert f"{victim.hostname} is unreachable: the master forgets it by its inventory name" in removed.stdout
+            assert "forgot 1 worker(s) of " + victim.hostname in removed.stdout
+            assert victim.hostname not in {w["host"] for w in client.status()["workers"]}
+            results = job.wait()  # the lost host's tasks were retried elsewhere: one result each, none failed
+            assert sorted(r.index for r in results) == list(range(200)) and all(r.ok for r in results)
+        finally:
+            operator("cluster.up")
+            operator("deploy", "--limit", victim.hostname)
+        wait_for(lambda: victim.hostname in {w["host"] for w in client.status()["workers"] if w["alive"]}, 60,
+                 f"{victim.hostname} to rejoin")
+
+
 def test_reset_mid_job_then_deploy_serves_the_ledger_again(fleet, operator):
     operator("deploy")
     total = 400
@@ -110,6 +134,8 @@ def test_reset_with_purge_data_leaves_nothing_and_a_deploy_starts_afresh(fleet, 
         earlier.wait()
     try:
         operator("reset", "--yes", "--purge-data")
+        again = parse_recap(operator("reset", "--yes", "--purge-data").stdout)  # a reset stopped halfway: run again
+        assert again and all(c["failed"] == 0 and c["changed"] == 0 for c in again.values()), again
         for h in fleet.hosts:
             nothing_left(host(h.name), keep_state=False)
     finally:
