@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from node import wire
-from node.config import DEFAULT_MAX_PAYLOAD, format_address, parse_address, read_authkey
+from node.config import DEFAULT_MAX_PAYLOAD, format_address, parse_address
 from node.errors import MasterUnavailable, StorageError
 
 CHUNK_TASKS = 5000
@@ -61,7 +61,7 @@ class Client:
     Calls are safe to repeat: each chunk of a job carries the job's key and its first
     index, and the master adds nothing twice."""
 
-    def __init__(self, master, authkey: bytes, retry_for: float = 60.0):
+    def __init__(self, master, authkey, retry_for: float = 60.0):
         self.address = parse_address(master) if isinstance(master, str) else tuple(master)
         self.caller = wire.Caller(self.address, authkey)
         self.retry_for = retry_for
@@ -70,7 +70,7 @@ class Client:
     def connect(cls, master: str, authkey_file: str, retry_for: float = 60.0) -> Client:
         """A client whose master answered: fails now, clearly, if it is unreachable
         (MasterUnavailable) or the key is wrong (AuthenticationError)."""
-        client = cls(master, read_authkey(authkey_file), retry_for)
+        client = cls(master, wire.Keyring(authkey_file), retry_for)
         client.caller.connect()
         return client
 

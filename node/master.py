@@ -2,9 +2,9 @@
 
 `Master` is the service workers and clients call (through server.Server). Workers:
 hello, heartbeat, lease, complete, release, goodbye, each for themselves. Clients:
-submit, withdraw, job, results, status. Every argument from the wire is checked here
-before it reaches the scheduler; a malformed one is refused with a plain error and
-changes nothing.
+submit, withdraw, job, results, status; operators: forget (a removed worker host).
+Every argument from the wire is checked here before it reaches the scheduler; a
+malformed one is refused with a plain error and changes nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ HOUSEKEEPING_EVERY = 30.0  # seconds between retention and expiry passes
 FAILED_SCAN_PAGES = 50  # pages of results `results(failed_only=True)` reads at most per call
 
 WORKER_CALLS = ("hello", "heartbeat", "goodbye", "lease", "complete", "release")
-CLIENT_CALLS = ("submit", "withdraw", "job", "results", "status")
+CLIENT_CALLS = ("submit", "withdraw", "job", "results", "status", "forget")
 CLASSIC_METHODS = frozenset({"put", "get", "put_nowait", "get_nowait", "qsize", "empty", "full",
                              "task_done", "join"})
 
@@ -65,6 +65,7 @@ class Master:
         self.housekept = 0.0
         self.telemetry = Telemetry()  # run times, history, recent failures (metrics.py)
         self.metrics_address: str | None = None  # where /metrics and the dashboard are served
+        self.worker_keys: dict[str, str] = {}  # worker id -> fingerprint of the key its last call came with
         scheduler.on_report = self._reported
 
     # -- workers ---------------------------------------------------------------------
@@ -81,6 +82,7 @@ class Master:
         _check(isinstance(worker, str) and isinstance(host, str), "worker and host must be strings")
         held = [t for t in held if isinstance(t, int)] if instance == self.store.instance else []
         claimed = self.scheduler.join(worker, host, int(pid), int(concurrency), held)
+        self._note_key(worker)
         log.info("worker %s joined from %s (pid %s, concurrency %s%s)", worker, host, pid, concurrency,
                  f", still holding {claimed} task(s)" if held else "")
         return {"worker_ttl": self.scheduler.worker_ttl, "max_payload": self.max_payload, "version": __version__,
@@ -88,14 +90,23 @@ class Master:
 
     def heartbeat(self, worker: str) -> bool:
         """False: the master does not know this worker (it restarted): say hello again."""
+        self._note_key(worker)
         return self.scheduler.touch(worker)
 
     def goodbye(self, worker: str) -> None:
         self.scheduler.leave(worker)
+        self.worker_keys.pop(worker, None)
         log.info("worker %s left", worker)
+
+    def _note_key(self, worker: str) -> None:
+        """Remember which key the worker's call came with (status shows it: a key
+        rotation checks every worker moved to the new key)."""
+        if self.server is not None:
+            self.worker_keys[worker] = self.server.caller_key()
 
     def lease(self, worker: str, limit: int, wait: float = 0.0) -> list:
         """Up to `limit` tasks, at most a fair share of the queue; may wait for work."""
+        self._note_key(worker)
         if not self.scheduler.touch(worker) or self.scheduler.reclaiming():
             return []  # unknown (say hello), or just restarted: holders re-claim first
         if wait > 0 and not self.stopping:
@@ -262,6 +273,21 @@ class Master:
             rows = self.store.results(job["id"], after, limit)
         return [], after
 
+    def forget(self, host: str) -> int:
+        """Forget the workers of `host` (an operator removed it): they leave status. Refused
+        (ValueError) while one of them is connected: stop it first. Any task one still held
+        is pending again, as for a lost worker. Returns how many were forgotten."""
+        _check(isinstance(host, str) and host, "forget needs a host name")
+        mine = [w for w in self.store.workers() if w["host"] == host]
+        alive = [w["id"] for w in mine if w["id"] in self.scheduler.seen]
+        if alive:
+            raise ValueError(f"worker {alive[0]} on {host} is still connected: stop it first")
+        gone = [w["id"] for w in mine if w["state"] != "left"]
+        for worker in gone:
+            self.scheduler.leave(worker)
+        log.info("forgot %d worker(s) of host %s", len(gone), host)
+        return len(gone)
+
     def status(self) -> dict:
         now, mono = time.time(), time.monotonic()
         rows = self.store.workers()
@@ -274,6 +300,7 @@ class Master:
                 w["last_seen_ago"] = round(mono - seen[w["id"]], 1)
             else:
                 w["last_seen_ago"] = round(now - w["last_seen"], 1) if w["last_seen"] else None
+            w["key"] = self.worker_keys.get(w["id"]) if w["alive"] else None
         # History is not the fleet: workers that left, were lost long ago, or were
         # replaced by a newer worker on the same host are left out.
         workers = [
@@ -292,6 +319,10 @@ class Master:
             "throughput": round(recent / window, 1),
             "workers": workers,
             "rejected": self.server.rejected_peers() if self.server else [],
+            # Fingerprints (wire.fingerprint), never keys: the ring in the file's order, and
+            # the key this status call came with.
+            "keyring": {"ring": list(self.server.key_ids), "caller": self.server.caller_key()}
+            if self.server else None,
         }
 
     # -- upkeep ----------------------------------------------------------------------
@@ -308,6 +339,7 @@ class Master:
                 continue
             log.warning("worker %s lost: silent for %.0f s; %d task(s) it held are pending again",
                         worker, silent, held)
+            self.worker_keys.pop(worker, None)
             self.telemetry.leases_expired += held
         self.scheduler.end_reclaim()
         self.telemetry.sample(self)
@@ -340,7 +372,7 @@ def _as_list(value) -> list:
     return list(value)
 
 
-def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_modules=(),
+def run_master(listen: tuple[str, int], authkey, state_dir: str, tasks_modules=(),
                worker_ttl: float = 10.0, max_payload: int = DEFAULT_MAX_PAYLOAD, durability: str = "full",
                retention: float = DEFAULT_RETENTION, max_jobs: int = DEFAULT_MAX_JOBS,
                metrics_listen: tuple[str, int] | None = None) -> int:
@@ -371,6 +403,7 @@ def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_mo
     systemd.notify("READY=1", f"STATUS=serving on {format_address(server.address)}")
     while not stop.wait(1.0):
         try:
+            server.refresh_keys()  # a key removed from the file: its connections are cut within a second
             master.upkeep()
         except Exception:
             log.exception("upkeep failed")

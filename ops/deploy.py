@@ -71,44 +71,39 @@ def _check_inventory(inventory: Path) -> None:
 
 
 def _leaked_authkey(inventory: Path, output: str) -> bool:
-    """True if the controller-generated authkey of this inventory appears in the output."""
-    key_file = (inventory if inventory.is_dir() else inventory.parent) / "secrets" / "authkey"
-    try:
-        key = key_file.read_text().strip()
-    except OSError:
-        return False
-    return bool(key) and key in output
+    """True if a controller-generated authkey of this inventory (the key, or the next one
+    while a rotation is under way) appears in the output."""
+    secrets = (inventory if inventory.is_dir() else inventory.parent) / "secrets"
+    for key_file in (secrets / "authkey", secrets / "authkey.next"):
+        try:
+            key = key_file.read_text().strip()
+        except OSError:
+            continue
+        if key and key in output:
+            return True
+    return False
 
 
-@task(
-    help={
-        "inventory": "Ansible inventory (directory or file) to deploy to; default inventory/local",
-        "limit": "only these hosts or groups (Ansible --limit pattern, e.g. 'worker1' or 'workers')",
-        "check": "dry run: show what would change (ansible-playbook --check --diff), change nothing",
-    }
-)
-def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
-    """Deploy the node agents with Ansible (builds the artifact first)."""
+def resolve_inventory(inventory: str) -> Path:
+    """The inventory path (relative to the working directory, else the checkout), checked."""
     inv = Path(inventory)
     if not inv.is_absolute():
         inv = (Path.cwd() / inv) if (Path.cwd() / inv).exists() else ROOT / inv
     _check_inventory(inv)
+    return inv
+
+
+def play(c, inv: Path, playbook: str, *args: str, what: str = "deploy") -> dict:
+    """Run ansible-playbook PLAYBOOK (a path under the checkout) on `inv` with `args`; the
+    output is echoed and kept in .cluster/logs/WHAT-TIMESTAMP.log (0600). Returns the recap;
+    raises Exit (the authkey in the output: 3; unreachable hosts: 4; failed: 2 or 1)."""
     playbook_bin = VENV_BIN / "ansible-playbook"
     if not playbook_bin.exists():
-        raise Exit("deploy: .venv has no ansible-playbook: run tasks through ./invoke, which makes it.", 2)
-
-    built = artifact.build()
-    print(f"==> built {built.relative_to(ROOT)}")
-
-    cmd = [str(playbook_bin), "-i", str(inv), str(PLAYBOOK.relative_to(ROOT))]
-    if limit:
-        cmd += ["--limit", limit]
-    if check:
-        cmd += ["--check", "--diff"]
-
+        raise Exit(f"{what}: .venv has no ansible-playbook: run tasks through ./invoke, which makes it.", 2)
+    cmd = [str(playbook_bin), "-i", str(inv), playbook, *args]
     CONTROL_PATH_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"deploy-{datetime.now():%Y%m%d-%H%M%S}.log"
+    log_path = LOG_DIR / f"{what}-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
     env = {
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(CONTROL_PATH_DIR),
@@ -133,12 +128,12 @@ def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
     print(f"==> ansible-playbook exited {result.exited} after {elapsed:.1f} s")
     if recap:
         total_changed = sum(counts["changed"] for counts in recap.values())
-        print(f"==> {len(recap)} hosts, {total_changed} changed{' (check mode)' if check else ''}")
+        print(f"==> {len(recap)} hosts, {total_changed} changed{' (check mode)' if '--check' in args else ''}")
 
     if _leaked_authkey(inv, output):
         raise Exit(
-            f"deploy: SECURITY: the authkey appears in the Ansible output ({log_path}). Rotate it "
-            "(delete the inventory's secrets/authkey, redeploy) and fix the task that leaked it.",
+            f"{what}: SECURITY: the authkey appears in the Ansible output ({log_path}). Rotate it "
+            "(invoke key.rotate) and fix the task that leaked it.",
             3,
         )
     unreachable = sorted(h for h, counts in recap.items() if counts.get("unreachable"))
@@ -147,10 +142,27 @@ def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
         hint = ""
         if inv.resolve() == LOCAL_INVENTORY.resolve():
             hint = " Is the local cluster up? Start it with: invoke cluster.up"
-        raise Exit(f"deploy: unreachable over SSH: {', '.join(unreachable)}.{hint}", 4)
+        raise Exit(f"{what}: unreachable over SSH: {', '.join(unreachable)}.{hint}", 4)
     if failed:
-        raise Exit(f"deploy: ansible-playbook failed on {', '.join(failed)} (see above, or {log_path}).", 2)
+        raise Exit(f"{what}: ansible-playbook failed on {', '.join(failed)} (see above, or {log_path}).", 2)
     if result.exited != 0:
-        raise Exit(f"deploy: ansible-playbook failed with exit code {result.exited} (see {log_path}).", 1)
+        raise Exit(f"{what}: ansible-playbook failed with exit code {result.exited} (see {log_path}).", 1)
     if not recap:
-        raise Exit("deploy: no PLAY RECAP: no host matched (check --limit and the inventory).", 1)
+        raise Exit(f"{what}: no PLAY RECAP: no host matched (check --limit and the inventory).", 1)
+    return recap
+
+
+@task(
+    help={
+        "inventory": "Ansible inventory (directory or file) to deploy to; default inventory/local",
+        "limit": "only these hosts or groups (Ansible --limit pattern, e.g. 'worker1' or 'workers')",
+        "check": "dry run: show what would change (ansible-playbook --check --diff), change nothing",
+    }
+)
+def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
+    """Deploy the node agents with Ansible (builds the artifact first)."""
+    inv = resolve_inventory(inventory)
+    built = artifact.build()
+    print(f"==> built {built.relative_to(ROOT)}")
+    args = [*(["--limit", limit] if limit else []), *(["--check", "--diff"] if check else [])]
+    play(c, inv, str(PLAYBOOK.relative_to(ROOT)), *args)

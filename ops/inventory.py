@@ -29,6 +29,7 @@ class Host:
     key_file: str | None
     check_host_key: bool
     groups: tuple
+    vars: dict  # its variables as Ansible resolves them (vaulted ones stay encrypted)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def load(inventory: str | Path = LOCAL_INVENTORY) -> Fleet:
         groups = tuple(g for g in ("master", "workers") if name in data.get(g, {}).get("hosts", []))
         hosts.append(Host(name, hv.get("ansible_host", name), hv.get("ansible_user"),
                           hv.get("ansible_ssh_private_key_file"),
-                          bool(hv.get("ansible_host_key_checking", True)), groups))
+                          bool(hv.get("ansible_host_key_checking", True)), groups, hv))
     master_vars = hostvars.get(masters[0], {})
     address = master_vars.get("taskfleet_master_address", hosts[0].address)
     port = master_vars.get("taskfleet_master_port", DEFAULT_PORT)

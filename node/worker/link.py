@@ -6,9 +6,10 @@ tasks, reports outcomes, hands tasks back. What it must survive without dying:
 - the master restarting (same ledger: held tasks are re-claimed at hello) or coming
   back on a fresh ledger (another `instance`: everything held from the old one is
   dropped, and outcomes still to come from it are discarded);
-- a changed authkey: the key file is read again at every reconnect, and it retries
-  with backoff, saying so in its log (only a wrong key at the very first connection
-  ends the worker, exit code 2: a configuration error);
+- a changed authkey: the key file is read again whenever it changes (wire.Keyring); the
+  next call dials with its first key, and a refused key is retried with backoff, saying
+  so in its log (only a wrong key at the very first connection ends the worker, exit
+  code 2: a configuration error);
 - a master speaking another protocol version, or failing to store (a full disk):
   outcomes are kept and sent again later.
 
@@ -25,7 +26,7 @@ import time
 from multiprocessing import AuthenticationError
 
 from node import PROTOCOL, wire
-from node.config import ConfigError, describe_error, format_address, read_authkey
+from node.config import ConfigError, describe_error, format_address
 from node.errors import Incompatible, MasterUnavailable, RemoteError, StorageError
 
 log = logging.getLogger("taskfleet.worker")
@@ -48,15 +49,12 @@ class Link:
         self.authkey_file = authkey_file
         where = worker.master
         self.where = format_address(where)
-        self.caller = wire.Caller(where, self._read_key, reply_timeout=REPLY_TIMEOUT)
+        self.caller = wire.Caller(where, wire.Keyring(authkey_file), reply_timeout=REPLY_TIMEOUT)
         self.ever_connected = False
         self.connected = False
         self.backoff = 0.5
         self.beat_every = 2.5
         self.next_beat = 0.0
-
-    def _read_key(self) -> bytes:
-        return read_authkey(self.authkey_file)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -101,7 +99,7 @@ class Link:
                 w.fail(str(exc), code=2)  # a wrong key at first start: a configuration error
                 w.draining.set()
                 return False
-            self._retry_later(f"{exc} (re-reading {self.authkey_file} at every try)")
+            self._retry_later(f"{exc} (re-reading {self.authkey_file} when it changes)")
             return False
         except ConfigError as exc:  # the key file went missing or bad mid-rotation
             self._retry_later(str(exc))

@@ -132,7 +132,7 @@ class Agents:
     def cli(self, *args, env: dict | None = None, timeout: float = 60.0, input: str | None = None,
             entry: list | None = None, python: str = PYTHON, with_master: bool = True) -> subprocess.CompletedProcess:
         argv = [python, *(entry or ["-m", "node"]), *args]
-        if with_master and args and args[0] in ("submit", "status", "results"):
+        if with_master and args and args[0] in ("submit", "status", "results", "forget"):
             argv += ["--master", self.master_address, "--authkey-file", str(self.key)]
         return subprocess.run(argv, capture_output=True, text=True, cwd=str(ROOT), env=env or base_env(),
                               timeout=timeout, input=input)
