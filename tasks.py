@@ -7,7 +7,7 @@ from invoke import Collection
 
 from ops import bench_tasks, build_tasks, chaos_tasks, cluster
 from ops import deploy as deploy_tasks
-from ops import fleet, lint_tasks, test_tasks
+from ops import fleet, lint_tasks, release_tasks, test_tasks
 
 ns = Collection()
 ns.add_task(bench_tasks.bench)
@@ -15,6 +15,8 @@ ns.add_task(build_tasks.build)
 ns.add_task(chaos_tasks.chaos)
 ns.add_task(deploy_tasks.deploy)
 ns.add_task(lint_tasks.lint)
+ns.add_task(release_tasks.upgrade)
+ns.add_task(release_tasks.rollback)
 ns.add_task(test_tasks.test)
 ns.add_collection(cluster.ns)
 for fleet_task in (fleet.status, fleet.submit, fleet.demo, fleet.logs):

@@ -22,15 +22,15 @@ EPOCH = (1980, 1, 1, 0, 0, 0)
 LATEST = "VERSION"  # in dist/: the version of the last build
 
 
-def release() -> str:
+def release(node_dir: Path = NODE_DIR) -> str:
     """RELEASE from node/__init__.py of this checkout (read, not imported: the tree may have changed)."""
-    text = (NODE_DIR / "__init__.py").read_text()
+    text = (node_dir / "__init__.py").read_text()
     return re.search(r'^RELEASE = "([^"]+)"', text, re.M).group(1)
 
 
-def version() -> str:
-    """The version a build of this tree gets now."""
-    return node_version.source_version(release(), NODE_DIR)
+def version(node_dir: Path = NODE_DIR) -> str:
+    """The version a build of this tree (or of another copy of node/) gets now."""
+    return node_version.source_version(release(node_dir), node_dir)
 
 
 def artifact_path(dist: Path = DIST) -> Path:
@@ -44,16 +44,16 @@ def _entry(name: str, data: bytes, zf: zipfile.ZipFile) -> None:
     zf.writestr(info, data)
 
 
-def build(dist: Path = DIST) -> Path:
+def build(dist: Path = DIST, node_dir: Path = NODE_DIR) -> Path:
     """Write dist/taskfleet-node-VERSION.pyz, its .pyz.sha256 (sha256sum format) and dist/VERSION."""
     dist.mkdir(parents=True, exist_ok=True)
-    full = version()
+    full = version(node_dir)
     target = dist / f"taskfleet-node-{full}.pyz"
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         _entry("__main__.py", MAIN, zf)
-        for path in node_version.sources(NODE_DIR):
-            _entry(f"node/{path.relative_to(NODE_DIR).as_posix()}", path.read_bytes(), zf)
+        for path in node_version.sources(node_dir):
+            _entry(f"node/{path.relative_to(node_dir).as_posix()}", path.read_bytes(), zf)
         _entry(f"node/{node_version.BUILD_MODULE}", f'VERSION = "{full}"\n'.encode(), zf)
     data = b"#!/usr/bin/env python3\n" + buf.getvalue()
     target.write_bytes(data)
