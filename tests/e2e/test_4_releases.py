@@ -9,6 +9,7 @@ comment added: another digest, so another version.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from functools import partial
 import pytest
 
 from node.client import Client
-from ops import artifact, inventory
+from ops import artifact, inventory, localcluster
 from ops.deploy import parse_recap
 from ops.paths import LOCAL_INVENTORY, ROOT
 from tests import waiting
@@ -210,9 +211,9 @@ def test_scale_out_brings_a_new_worker_in_and_changes_nothing_elsewhere(on_this_
         again = parse_recap(invoke_with(len(workers) + 1, "deploy").stdout)
         assert {h: c["changed"] for h, c in again.items()} == {h: 0 for h in [*units, newcomer]}
     finally:
-        try:  # let it drain and say goodbye, so that status forgets it
-            host(newcomer).run("systemctl stop taskfleet-worker")
-        except Exception as exc:  # not up: nothing to stop
-            print(f"could not stop the worker on {newcomer}: {exc}")
+        # Let it drain and say goodbye (status then forgets it), then remove its container.
+        grown = localcluster.nodes(dataclasses.replace(localcluster.settings(), workers=len(workers) + 1))
+        subprocess.run(["lxc-attach", "-n", grown[-1].container, "--", "systemctl", "stop", "taskfleet-worker"],
+                       capture_output=True, timeout=120)
         invoke_with(len(workers), "cluster.up")  # back to the cluster the other tests expect
     assert workers_of(inventory.load(LOCAL_INVENTORY)) == workers
