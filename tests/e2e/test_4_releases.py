@@ -114,7 +114,7 @@ def test_a_rolling_upgrade_goes_batch_by_batch_and_loses_nothing(on_this_tree, t
     old, workers = on_this_tree, workers_of(fleet)
     new = variant_build(tmp_path)
     slots = sum(w["concurrency"] for w in client.status()["workers"] if w["alive"])
-    running = Running(client, tasks=int(120 * slots / TASK_SECONDS))  # ~2 minutes of work at full rate
+    running = Running(client, tasks=int(75 * slots / TASK_SECONDS))  # ~75 s of work at full rate
     wait_for(lambda: len(running.seen) > 0, 60, "the job's first results")
     time.sleep(8)
     started, wall = time.monotonic(), time.time()
