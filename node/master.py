@@ -76,7 +76,7 @@ class Master:
         named `instance` (ids from another ledger are not claimed). `protocol` must be
         one this master serves (OLDEST_WORKER_PROTOCOL..PROTOCOL); `version`: the
         worker's build, shown in status (protocol 2 workers do not send it)."""
-        if not OLDEST_WORKER_PROTOCOL <= protocol <= PROTOCOL:
+        if not (isinstance(protocol, int) and OLDEST_WORKER_PROTOCOL <= protocol <= PROTOCOL):
             log.warning("refused worker %s on %s: it speaks protocol %s, this master serves %s", worker, host,
                         protocol, _served())
             advice = ("upgrade the master first" if isinstance(protocol, int) and protocol > PROTOCOL
@@ -86,9 +86,10 @@ class Master:
         _check(isinstance(worker, str) and isinstance(host, str), "worker and host must be strings")
         held = [t for t in held if isinstance(t, int)] if instance == self.store.instance else []
         claimed = self.scheduler.join(worker, host, int(pid), int(concurrency), held)
-        self.builds[worker] = (version if isinstance(version, str) else None, protocol)
+        version = clean(version, 64) if isinstance(version, str) else None
+        self.builds[worker] = (version, protocol)
         log.info("worker %s joined from %s (taskfleet %s, protocol %s, pid %s, concurrency %s%s)", worker, host,
-                 clean(version) if isinstance(version, str) else "unknown", protocol, pid, concurrency,
+                 version or "unknown", protocol, pid, concurrency,
                  f", still holding {claimed} task(s)" if held else "")
         return {"worker_ttl": self.scheduler.worker_ttl, "max_payload": self.max_payload, "version": __version__,
                 "instance": self.store.instance, "protocol": PROTOCOL}

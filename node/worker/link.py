@@ -124,9 +124,9 @@ class Link:
         introduction = (w.id, w.host, os.getpid(), w.concurrency, w.held(), w.epoch, PROTOCOL)
         try:
             info = self.caller.call("hello", *introduction, __version__)
-        except RemoteError:
-            # A protocol 2 master's hello takes no version: asked without it, it refuses
-            # this worker's protocol plainly (Incompatible) instead of a TypeError.
+        except (TypeError, RemoteError):
+            # A protocol 2 master's hello takes no version (TypeError): asked without it,
+            # it refuses this worker's protocol plainly (Incompatible).
             info = self.caller.call("hello", *introduction)
         if w.epoch is not None and info["instance"] != w.epoch:
             dropped = w.new_epoch(info["instance"])

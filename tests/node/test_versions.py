@@ -1,10 +1,14 @@
 """Versions: each build of a changed tree is its own release; the master's protocol skew rule."""
 
+import io
 import shutil
+import subprocess
+import tarfile
 import zipfile
 
 import pytest
 
+from conftest import ROOT, wait_for
 from node import OLDEST_WORKER_PROTOCOL, PROTOCOL, RELEASE, __version__, version, wire
 from node.errors import Incompatible
 from ops import artifact
@@ -80,3 +84,42 @@ def test_status_shows_the_masters_and_each_workers_version(agents):
     header = next(line.split() for line in lines if line.strip().startswith("HOST"))
     row = next(line.split() for line in lines if " alive " in line)
     assert row[header.index("VERSION")] == __version__
+
+
+PROTOCOL_2_COMMIT = "e570d85"  # the last commit whose agents speak protocol 2
+
+
+@pytest.fixture
+def protocol_2_pyz(tmp_path):
+    """The agents of PROTOCOL_2_COMMIT as a zipapp (from git: the real older release)."""
+    out = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", PROTOCOL_2_COMMIT, "node"],
+                         capture_output=True)
+    if out.returncode != 0:
+        pytest.skip(f"no commit {PROTOCOL_2_COMMIT} in this checkout: {out.stderr.decode().strip()}")
+    pyz = tmp_path / "protocol2.pyz"
+    with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar, zipfile.ZipFile(pyz, "w") as zf:
+        zf.writestr("__main__.py", artifact.MAIN)
+        for member in tar.getmembers():
+            if member.isfile() and member.name.endswith(".py"):
+                zf.writestr(member.name, tar.extractfile(member).read())
+    return pyz
+
+
+def test_a_worker_one_protocol_older_is_served(agents, protocol_2_pyz):
+    agents.start_master()
+    agents.start_worker(entry=[str(protocol_2_pyz)], concurrency=2)
+    (worker,) = agents.wait_workers(1)
+    assert (worker["protocol"], worker["version"]) == (PROTOCOL - 1, None)
+    with agents.client() as client:
+        results = client.submit("square", [(n,) for n in range(20)]).wait()
+    assert [r.value for r in results] == [n * n for n in range(20)]
+    assert f"protocol {PROTOCOL - 1}" in agents.cli("status").stdout
+
+
+def test_a_worker_newer_than_its_master_is_refused_plainly_and_keeps_trying(agents, protocol_2_pyz):
+    agents.start_master(entry=[str(protocol_2_pyz)])
+    worker = agents.start_worker()
+    wait_for(lambda: "refused this worker" in worker.text(), 30, "the worker to log the refusal")
+    assert f"speaks protocol {PROTOCOL - 1}, the worker {PROTOCOL}" in worker.text()
+    assert "Traceback" not in worker.text() and worker.alive()
+    assert [w for w in agents.status()["workers"] if w["alive"]] == []
