@@ -68,6 +68,11 @@ class Running:
     def rate(self, start: float, end: float) -> float:
         return sum(1 for t, _ in list(self.seen) if start <= t < end) / max(end - start, 1e-9)
 
+    def slowest(self, start: float, end: float, window: float = 5.0) -> float:
+        """The lowest rate over any `window` seconds (in steps of one) between start and end."""
+        steps = range(max(1, int(end - start - window) + 1))
+        return min(self.rate(start + i, start + i + window) for i in steps)
+
     def finish(self, timeout: float = 300) -> list:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), f"the job did not finish within {timeout} s"
@@ -121,10 +126,11 @@ def test_a_rolling_upgrade_goes_batch_by_batch_and_loses_nothing(on_this_tree, t
     normal = running.rate(started - 8, started)
     took = timed("upgrade", "--no-build", "--batch", "1")
     ended = time.monotonic()
-    during = running.rate(started, ended)
+    during, slowest = running.rate(started, ended), running.slowest(started, ended)
     assert len(running.seen) < running.total, "the job ended before the upgrade did: make it longer"
     print(f"\nupgrade of {len(workers)} workers, batch 1: {took:.1f} s; throughput during it "
-          f"{during:.1f}/s against {normal:.1f}/s before: {during / normal:.2f} of normal")
+          f"{during:.1f}/s against {normal:.1f}/s before: {during / normal:.2f} of normal "
+          f"(slowest 5 s: {slowest / normal:.2f})")
     assert fleet_versions(client) == (new, {w: new for w in workers})
     assert current_release(["tf-master", *workers]) == {h: new for h in ["tf-master", *workers]}
 
