@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -42,12 +43,15 @@ def assert_exactly_one_result_each(results, total):
     assert not failed, failed[:3]
 
 
-def variant_build(tmp_path) -> str:
-    """Build a second release (this tree plus a comment) into dist/; return its version."""
+def variant_build(tmp_path, worker_line: str = "") -> str:
+    """Build a second release (this tree plus a comment, and `worker_line` at the end of
+    node/worker/__init__.py) into dist/; return its version."""
     node_dir = tmp_path / "node"
     shutil.copytree(artifact.NODE_DIR, node_dir, ignore=shutil.ignore_patterns("__pycache__"))
     with open(node_dir / "version.py", "a") as f:
         f.write(f"# e2e variant {time.time_ns()}\n")
+    with open(node_dir / "worker" / "__init__.py", "a") as f:
+        f.write(worker_line)
     built = artifact.build(node_dir=node_dir)
     version = (artifact.DIST / artifact.LATEST).read_text().strip()
     assert built.name == f"taskfleet-node-{version}.pyz" and version != artifact.version()
@@ -153,6 +157,27 @@ def test_a_rolling_upgrade_goes_batch_by_batch_and_loses_nothing(on_this_tree, t
     assert master_back < min(left.values()), "a worker restarted before the master was on the new release"
     running.finish()
     assert old != new
+
+
+def test_a_failed_batch_stops_the_rollout_and_the_rest_keep_their_release(on_this_tree, tmp_path, fleet, client):
+    """Plain ansible-playbook, a release whose worker cannot start: the master takes it, the
+    first batch fails, and the workers after it are never touched; the job goes on."""
+    old, workers = on_this_tree, workers_of(fleet)
+    bad = variant_build(tmp_path, worker_line='raise SystemExit("e2e: this release cannot run a worker")\n')
+    running = Running(client, tasks=600)
+    wait_for(lambda: len(running.seen) > 0, 60, "the job's first results")
+    cmd = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(LOCAL_INVENTORY), "playbooks/upgrade.yml",
+           "-e", "taskfleet_worker_batch=1", "-e", "taskfleet_rejoin_timeout=20"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-3000:])
+    recap = parse_recap(proc.stdout)
+    assert proc.returncode != 0 and recap[workers[0]]["failed"] == 1, proc.stdout[-3000:]
+    assert all(recap[h]["failed"] == 0 for h in ["tf-master", *workers[1:]]), recap
+    assert current_release(["tf-master", *workers]) == {"tf-master": bad, workers[0]: bad,
+                                                        **{w: old for w in workers[1:]}}
+    master_version, alive = fleet_versions(client)
+    assert master_version == bad and alive == {w: old for w in workers[1:]}
+    running.finish()
 
 
 def test_a_rollback_goes_back_to_the_release_kept_on_the_hosts(on_this_tree, tmp_path, fleet, client):
