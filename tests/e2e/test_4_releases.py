@@ -180,6 +180,20 @@ def test_a_failed_batch_stops_the_rollout_and_the_rest_keep_their_release(on_thi
     running.finish()
 
 
+def test_a_release_on_a_host_is_never_overwritten_with_other_bytes(on_this_tree, tmp_path, fleet):
+    workers = workers_of(fleet)
+    new = variant_build(tmp_path)
+    h, path = host(workers[0]), f"/opt/taskfleet/releases/{new}/taskfleet-node.pyz"
+    h.check_output(f"mkdir -p /opt/taskfleet/releases/{new} && echo not-the-build > {path}")
+    try:
+        proc = subprocess.run([str(INVOKE), "upgrade", "--no-build"], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode != 0 and "a release is never overwritten" in proc.stdout, proc.stdout[-3000:]
+        assert h.file(path).content_string == "not-the-build\n"
+        assert current_release(workers) == {w: on_this_tree for w in workers}
+    finally:
+        h.run(f"rm -rf /opt/taskfleet/releases/{new}")
+
+
 def test_a_rollback_goes_back_to_the_release_kept_on_the_hosts(on_this_tree, tmp_path, fleet, client):
     old, workers = on_this_tree, workers_of(fleet)
     new = variant_build(tmp_path)
