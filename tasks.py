@@ -7,7 +7,7 @@ from invoke import Collection
 
 from ops import bench_tasks, build_tasks, chaos_tasks, cluster, dashboard_tasks
 from ops import deploy as deploy_tasks
-from ops import fleet, key, lint_tasks, reset, test_tasks, worker
+from ops import fleet, key, lint_tasks, release_tasks, reset, test_tasks, worker
 
 ns = Collection()
 ns.add_task(bench_tasks.bench)
@@ -16,6 +16,8 @@ ns.add_task(chaos_tasks.chaos)
 ns.add_task(dashboard_tasks.dashboard)
 ns.add_task(deploy_tasks.deploy)
 ns.add_task(lint_tasks.lint)
+ns.add_task(release_tasks.upgrade)
+ns.add_task(release_tasks.rollback)
 ns.add_task(test_tasks.test)
 ns.add_task(reset.reset)
 ns.add_collection(cluster.ns)

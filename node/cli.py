@@ -313,6 +313,13 @@ def print_status(status: dict, rates: dict | None = None) -> None:
         print(line)
 
 
+def _build(worker: dict) -> str:
+    """A worker's version; one of an older protocol that does not send it shows its protocol."""
+    if worker.get("version"):
+        return worker["version"]
+    return f"protocol {worker['protocol']}" if worker.get("protocol") else "-"
+
+
 def status_lines(status: dict, rates: dict | None = None) -> list[str]:
     """The status as text lines; with `rates` (worker id -> results/s) a RATE column."""
     m, t = status["master"], status["tasks"]
@@ -320,12 +327,12 @@ def status_lines(status: dict, rates: dict | None = None) -> list[str]:
              + (f", dashboard http://{m['metrics']}/" if m.get("metrics") else ""),
              f"tasks  {t['queued']} queued, {t['leased']} leased, {t['done']} done, {t['failed']} failed; "
              f"{t['open_jobs']} open job(s) of {t['jobs']} kept; throughput {status['throughput']} tasks/s (last 10 s)"]
-    rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE", "KEY")
+    rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE", "VERSION", "KEY")
             + (("RATE",) if rates is not None else ())]
     for w in status["workers"]:
         state = "alive" if w["alive"] else w["state"]
         row = (w["host"], w["id"], str(w["pid"]), str(w["concurrency"]), state, _ago(w["last_seen_ago"]),
-               str(w["done"]), w.get("key") or "-")
+               str(w["done"]), _build(w), w.get("key") or "-")
         if rates is not None:
             row += (f"{rates[w['id']]:.1f}/s" if w["id"] in rates else "-",)
         rows.append(row)

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 
-from node import PROTOCOL, __version__, systemd
+from node import OLDEST_WORKER_PROTOCOL, PROTOCOL, __version__, systemd
 from node.config import DEFAULT_MAX_PAYLOAD, format_address
 from node.scheduler import Scheduler
 from node.server import Server, Service
@@ -66,24 +66,32 @@ class Master:
         self.telemetry = Telemetry()  # run times, history, recent failures (metrics.py)
         self.metrics_address: str | None = None  # where /metrics and the dashboard are served
         self.worker_keys: dict[str, str] = {}  # worker id -> fingerprint of the key its last call came with
+        self.builds: dict = {}  # worker id -> (version or None, protocol), from its hello
         scheduler.on_report = self._reported
 
     # -- workers ---------------------------------------------------------------------
 
     def hello(self, worker: str, host: str, pid: int, concurrency: int, held=(), instance=None,
-              protocol: int = 1) -> dict:
+              protocol: int = 1, version=None) -> dict:
         """A worker (re)joins. `held`: task ids it still holds, leased from the ledger
-        named `instance` (ids from another ledger are not claimed)."""
-        if protocol != PROTOCOL:
-            log.warning("refused worker %s on %s: it speaks protocol %s, this master %s", worker, host, protocol,
-                        PROTOCOL)
-            raise Incompatible(f"this master (taskfleet {__version__}) speaks protocol {PROTOCOL}, the worker "
-                               f"{protocol}: run the same taskfleet release on both")
+        named `instance` (ids from another ledger are not claimed). `protocol` must be
+        one this master serves (OLDEST_WORKER_PROTOCOL..PROTOCOL); `version`: the
+        worker's build, shown in status (protocol 2 workers do not send it)."""
+        if not (isinstance(protocol, int) and OLDEST_WORKER_PROTOCOL <= protocol <= PROTOCOL):
+            log.warning("refused worker %s on %s: it speaks protocol %s, this master serves %s", worker, host,
+                        protocol, _served())
+            advice = ("upgrade the master first" if isinstance(protocol, int) and protocol > PROTOCOL
+                      else "upgrade the worker")
+            raise Incompatible(f"this master (taskfleet {__version__}) serves worker protocol {_served()}, the worker "
+                               f"speaks {protocol}: {advice} (docs/operations.md, Version skew)")
         _check(isinstance(worker, str) and isinstance(host, str), "worker and host must be strings")
         held = [t for t in held if isinstance(t, int)] if instance == self.store.instance else []
         claimed = self.scheduler.join(worker, host, int(pid), int(concurrency), held)
         self._note_key(worker)
-        log.info("worker %s joined from %s (pid %s, concurrency %s%s)", worker, host, pid, concurrency,
+        version = clean(version, 64) if isinstance(version, str) else None
+        self.builds[worker] = (version, protocol)
+        log.info("worker %s joined from %s (taskfleet %s, protocol %s, pid %s, concurrency %s%s)", worker, host,
+                 version or "unknown", protocol, pid, concurrency,
                  f", still holding {claimed} task(s)" if held else "")
         return {"worker_ttl": self.scheduler.worker_ttl, "max_payload": self.max_payload, "version": __version__,
                 "instance": self.store.instance, "protocol": PROTOCOL}
@@ -295,6 +303,7 @@ class Master:
         newest_alive = {}  # host -> start time of its newest live worker
         for w in rows:
             w["alive"] = w["id"] in seen
+            w["version"], w["protocol"] = self.builds.get(w["id"], (None, None))
             if w["alive"]:
                 newest_alive[w["host"]] = max(newest_alive.get(w["host"], 0.0), w["started"] or 0.0)
                 w["last_seen_ago"] = round(mono - seen[w["id"]], 1)
@@ -311,7 +320,8 @@ class Master:
         window = min(THROUGHPUT_WINDOW, max(1.0, now - self.started))
         recent = sum(n for t, n in list(self.completions) if t >= mono - window)
         return {
-            "master": {"address": self.address, "version": __version__, "pid": os.getpid(),
+            "master": {"address": self.address, "version": __version__, "protocol": PROTOCOL,
+                       "worker_protocols": [OLDEST_WORKER_PROTOCOL, PROTOCOL], "pid": os.getpid(),
                        "uptime": round(now - self.started, 1), "state": str(self.store.path),
                        "durability": self.store.durability, "instance": self.store.instance,
                        "metrics": self.metrics_address},
@@ -357,8 +367,14 @@ class Master:
             if pruned:
                 log.info("pruned %d finished job(s) past retention", len(pruned))
             self.store.forget_workers(time.time() - STATUS_LOST_FOR)
+            kept = {w["id"] for w in self.store.workers()}
+            self.builds = {w: build for w, build in self.builds.items() if w in kept}
         except StorageError as exc:
             log.error("housekeeping postponed: %s", exc)
+
+
+def _served() -> str:
+    return str(PROTOCOL) if OLDEST_WORKER_PROTOCOL == PROTOCOL else f"{OLDEST_WORKER_PROTOCOL} to {PROTOCOL}"
 
 
 def _check(condition: bool, message: str) -> None:

@@ -1,6 +1,7 @@
 """`invoke deploy`: build the artifact, then run playbooks/site.yml with Ansible.
 
-The full Ansible output of every run is kept in .cluster/logs/deploy-TIMESTAMP.log (0600),
+`run_playbook` runs any of the playbooks the same way (`invoke upgrade` and `rollback` too).
+The full Ansible output of every run is kept in .cluster/logs/WHAT-TIMESTAMP.log (0600),
 so a deploy can be read again later, and so tests can prove the authkey never shows up.
 """
 
@@ -19,7 +20,6 @@ from ops import artifact
 from ops.paths import CLUSTER_DIR, LOCAL_INVENTORY, ROOT
 
 VENV_BIN = ROOT / ".venv" / "bin"
-PLAYBOOK = ROOT / "playbooks" / "site.yml"
 LOG_DIR = CLUSTER_DIR / "logs"
 CONTROL_PATH_DIR = CLUSTER_DIR / "ansible-cp"
 DEFAULT_INVENTORY = "inventory/local"
@@ -93,14 +93,22 @@ def resolve_inventory(inventory: str) -> Path:
     return inv
 
 
-def play(c, inv: Path, playbook: str, *args: str, what: str = "deploy") -> dict:
-    """Run ansible-playbook PLAYBOOK (a path under the checkout) on `inv` with `args`; the
-    output is echoed and kept in .cluster/logs/WHAT-TIMESTAMP.log (0600). Returns the recap;
-    raises Exit (the authkey in the output: 3; unreachable hosts: 4; failed: 2 or 1)."""
+def run_playbook(c, playbook: str, inv: Path, *, what: str = "deploy", limit=None, check=False,
+                 extra_vars: dict | None = None) -> dict:
+    """Run playbooks/PLAYBOOK against `inv` with the pinned ansible-playbook, output streamed
+    and kept in .cluster/logs/WHAT-TIMESTAMP.log (0600). Returns the PLAY RECAP; raises Exit
+    with one line naming the unreachable or failed hosts, or a leaked authkey."""
     playbook_bin = VENV_BIN / "ansible-playbook"
     if not playbook_bin.exists():
         raise Exit(f"{what}: .venv has no ansible-playbook: run tasks through ./invoke, which makes it.", 2)
-    cmd = [str(playbook_bin), "-i", str(inv), playbook, *args]
+    cmd = [str(playbook_bin), "-i", str(inv), f"playbooks/{playbook}"]
+    if limit:
+        cmd += ["--limit", limit]
+    if check:
+        cmd += ["--check", "--diff"]
+    for name, value in (extra_vars or {}).items():
+        cmd += ["-e", f"{name}={value}"]
+
     CONTROL_PATH_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{what}-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
@@ -128,7 +136,7 @@ def play(c, inv: Path, playbook: str, *args: str, what: str = "deploy") -> dict:
     print(f"==> ansible-playbook exited {result.exited} after {elapsed:.1f} s")
     if recap:
         total_changed = sum(counts["changed"] for counts in recap.values())
-        print(f"==> {len(recap)} hosts, {total_changed} changed{' (check mode)' if '--check' in args else ''}")
+        print(f"==> {len(recap)} hosts, {total_changed} changed{' (check mode)' if check else ''}")
 
     if _leaked_authkey(inv, output):
         raise Exit(
@@ -155,14 +163,14 @@ def play(c, inv: Path, playbook: str, *args: str, what: str = "deploy") -> dict:
 @task(
     help={
         "inventory": "Ansible inventory (directory or file) to deploy to; default inventory/local",
-        "limit": "only these hosts or groups (Ansible --limit pattern, e.g. 'worker1' or 'workers')",
+        "limit": "only these hosts or groups (Ansible --limit pattern, e.g. 'worker1' or 'workers'); "
+                 "a new host joins with --limit NEWHOST, changing nothing elsewhere",
         "check": "dry run: show what would change (ansible-playbook --check --diff), change nothing",
     }
 )
 def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
-    """Deploy the node agents with Ansible (builds the artifact first)."""
+    """Deploy the node agents with Ansible (builds the artifact first; workers restart in batches)."""
     inv = resolve_inventory(inventory)
     built = artifact.build()
     print(f"==> built {built.relative_to(ROOT)}")
-    args = [*(["--limit", limit] if limit else []), *(["--check", "--diff"] if check else [])]
-    play(c, inv, str(PLAYBOOK.relative_to(ROOT)), *args)
+    run_playbook(c, "site.yml", inv, limit=limit, check=check)

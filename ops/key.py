@@ -20,9 +20,9 @@ from node import wire
 from node.client import Client
 from ops import inventory as inv
 from ops.confirm import confirm
-from ops.deploy import DEFAULT_INVENTORY, play, resolve_inventory
+from ops.deploy import DEFAULT_INVENTORY, resolve_inventory, run_playbook
 
-PLAYBOOK = "playbooks/key-rotate.yml"
+PLAYBOOK = "key-rotate.yml"
 STEPS = ("install", "use", "remove")
 VAULT_HINT = ("the authkey is the vaulted variable taskfleet_authkey in {inventory}: set the new one beside it as a "
               "vaulted taskfleet_authkey_next (ansible-vault encrypt_string, 32 characters or more), then run "
@@ -76,7 +76,7 @@ def rotate(c, inventory=DEFAULT_INVENTORY, yes=False):
     seen = []  # the running agents after each step
     for step in STEPS:
         step_started = time.monotonic()
-        play(c, path, PLAYBOOK, "-e", f"taskfleet_key_step={step}", what=f"key-rotate-{step}")
+        run_playbook(c, PLAYBOOK, path, what=f"key-rotate-{step}", extra_vars={"taskfleet_key_step": step})
         if not vaulted:  # the play generated secrets/authkey.next at install if it was missing
             seen.append(_check_from_here(fleet, step, wire.Keyring(str(current)).dial_key(),
                                          wire.Keyring(str(following)).dial_key()))

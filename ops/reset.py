@@ -8,9 +8,9 @@ from invoke import task
 
 from ops import inventory as inv
 from ops.confirm import confirm
-from ops.deploy import DEFAULT_INVENTORY, play, resolve_inventory
+from ops.deploy import DEFAULT_INVENTORY, resolve_inventory, run_playbook
 
-PLAYBOOK = "playbooks/reset.yml"
+PLAYBOOK = "reset.yml"
 
 
 @task(help={"inventory": "Ansible inventory of the fleet; default inventory/local",
@@ -27,6 +27,7 @@ def reset(c, inventory=DEFAULT_INVENTORY, purge_data=False, yes=False):
                 f"({', '.join(h.name for h in fleet.hosts)}): running work stops; the master's ledger is {kept}.",
                 answer=path.name)
     started = time.monotonic()
-    play(c, path, PLAYBOOK, "-e", f"taskfleet_purge_data={str(bool(purge_data)).lower()}", what="reset")
+    run_playbook(c, PLAYBOOK, path, what="reset",
+                 extra_vars={"taskfleet_purge_data": str(bool(purge_data)).lower()})
     print(f"==> reset: taskfleet removed from {len(fleet.hosts)} host(s) in {time.monotonic() - started:.1f} s"
           f"{'' if purge_data else '; the ledger is kept'}; install again with: invoke deploy")

@@ -9,9 +9,9 @@ from invoke.exceptions import Exit
 
 from ops import inventory as inv
 from ops.confirm import confirm
-from ops.deploy import DEFAULT_INVENTORY, play, resolve_inventory
+from ops.deploy import DEFAULT_INVENTORY, resolve_inventory, run_playbook
 
-PLAYBOOK = "playbooks/remove-worker.yml"
+PLAYBOOK = "remove-worker.yml"
 
 
 @task(positional=["hosts"], auto_shortflags=False,
@@ -31,7 +31,7 @@ def remove(c, hosts, inventory=DEFAULT_INVENTORY, yes=False):
         confirm(f"Remove {', '.join(names)} from the fleet of {path.name}? Each worker drains (running tasks finish, "
                 "the rest go back to the master), then its taskfleet files, unit and user are deleted.")
     started = time.monotonic()
-    play(c, path, PLAYBOOK, "-e", f"taskfleet_remove={','.join(names)}", what="remove-worker")
+    run_playbook(c, PLAYBOOK, path, what="remove-worker", extra_vars={"taskfleet_remove": ",".join(names)})
     print(f"==> worker.remove: {', '.join(names)} removed in {time.monotonic() - started:.1f} s; "
           f"bring one back with: invoke deploy --limit HOST")
 

@@ -10,8 +10,8 @@ tasks, reports outcomes, hands tasks back. What it must survive without dying:
   next call dials with its first key, and a refused key is retried with backoff, saying
   so in its log (only a wrong key at the very first connection ends the worker, exit
   code 2: a configuration error);
-- a master speaking another protocol version, or failing to store (a full disk):
-  outcomes are kept and sent again later.
+- a master that does not serve its protocol (an older master: upgrades go master
+  first), or failing to store (a full disk): outcomes are kept and sent again later.
 
 Anything else that escapes is fatal: the thread records it and the agent exits
 non-zero, so systemd restarts it (a dead link thread never leaves a live process).
@@ -25,7 +25,7 @@ import random
 import time
 from multiprocessing import AuthenticationError
 
-from node import PROTOCOL, wire
+from node import PROTOCOL, __version__, wire
 from node.config import ConfigError, describe_error, format_address
 from node.errors import Incompatible, MasterUnavailable, RemoteError, StorageError
 
@@ -119,7 +119,13 @@ class Link:
         """Say hello, with the tasks still held. A master on another ledger (a fresh
         state dir) knows nothing of them: drop them and any outcome still to come."""
         w = self.worker
-        info = self.caller.call("hello", w.id, w.host, os.getpid(), w.concurrency, w.held(), w.epoch, PROTOCOL)
+        introduction = (w.id, w.host, os.getpid(), w.concurrency, w.held(), w.epoch, PROTOCOL)
+        try:
+            info = self.caller.call("hello", *introduction, __version__)
+        except (TypeError, RemoteError):
+            # A protocol 2 master's hello takes no version (TypeError): asked without it,
+            # it refuses this worker's protocol plainly (Incompatible).
+            info = self.caller.call("hello", *introduction)
         if w.epoch is not None and info["instance"] != w.epoch:
             dropped = w.new_epoch(info["instance"])
             log.warning("the master's ledger changed (a new state dir): dropped %d task(s) and outcome(s) "
