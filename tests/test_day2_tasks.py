@@ -39,7 +39,7 @@ def no_playbook(monkeypatch):
     def play(*args, **kwargs):
         raise AssertionError(f"a playbook ran: {args}")
     for module in (key, reset, worker):
-        monkeypatch.setattr(module, "play", play)
+        monkeypatch.setattr(module, "run_playbook", play)
 
 
 class _Tty(io.StringIO):
