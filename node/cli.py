@@ -72,7 +72,8 @@ class Setting(NamedTuple):
 LOG_LEVEL = Setting("--log-level", "TASKFLEET_LOG_LEVEL", "INFO", lambda t: parse_choice(t, LOG_LEVELS),
                     "LEVEL", "DEBUG, INFO, WARNING or ERROR")
 AUTHKEY_FILE = Setting("--authkey-file", "TASKFLEET_AUTHKEY_FILE", None, str, "PATH",
-                       "file holding the shared authkey; must not be readable by others")
+                       "file holding the shared authkey (several, one per line, during a rotation: the first is "
+                       "dialed, the master accepts any; re-read when it changes); must not be readable by others")
 MASTER = Setting("--master", "TASKFLEET_MASTER", None, parse_address, "HOST:PORT", "the master's address")
 LISTEN = Setting("--listen", "TASKFLEET_LISTEN", "0.0.0.0:5000", lambda t: parse_address(t, default_host="0.0.0.0"),
                  "HOST:PORT", "address to listen on")
@@ -182,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per task result")
     p.add_argument("--wait", action="store_true", help="wait until every task has a result")
     p.add_argument("--failed", action="store_true", help="only the tasks that failed")
+
+    p = _subcommand(sub, "forget", "forget the workers of removed hosts",
+                    "Make the master forget the workers of each HOST (a host removed from the fleet): status no "
+                    "longer lists them. Refused while one of them is connected: stop it first.",
+                    MASTER, AUTHKEY_FILE)
+    p.add_argument("hosts", nargs="+", metavar="HOST", help="a worker host's name, as status shows it")
     return parser
 
 
@@ -315,6 +322,13 @@ def print_status(status: dict, rates: dict | None = None) -> None:
         print(line)
 
 
+def _build(worker: dict) -> str:
+    """A worker's version; one of an older protocol that does not send it shows its protocol."""
+    if worker.get("version"):
+        return worker["version"]
+    return f"protocol {worker['protocol']}" if worker.get("protocol") else "-"
+
+
 def status_lines(status: dict, rates: dict | None = None) -> list[str]:
     """The status as text lines; with `rates` (worker id -> results/s) a RATE column."""
     m, t = status["master"], status["tasks"]
@@ -322,11 +336,12 @@ def status_lines(status: dict, rates: dict | None = None) -> list[str]:
              + (f", dashboard http://{m['metrics']}/" if m.get("metrics") else ""),
              f"tasks  {t['queued']} queued, {t['leased']} leased, {t['done']} done, {t['failed']} failed; "
              f"{t['open_jobs']} open job(s) of {t['jobs']} kept; throughput {status['throughput']} tasks/s (last 10 s)"]
-    rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE") + (("RATE",) if rates is not None else ())]
+    rows = [("HOST", "WORKER", "PID", "PROCS", "STATE", "LAST SEEN", "DONE", "VERSION", "KEY")
+            + (("RATE",) if rates is not None else ())]
     for w in status["workers"]:
         state = "alive" if w["alive"] else w["state"]
         row = (w["host"], w["id"], str(w["pid"]), str(w["concurrency"]), state, _ago(w["last_seen_ago"]),
-               str(w["done"]))
+               str(w["done"]), _build(w), w.get("key") or "-")
         if rates is not None:
             row += (f"{rates[w['id']]:.1f}/s" if w["id"] in rates else "-",)
         rows.append(row)
@@ -334,6 +349,9 @@ def status_lines(status: dict, rates: dict | None = None) -> list[str]:
     lines.append(f"workers  {sum(1 for w in status['workers'] if w['alive'])} alive")
     for row in rows:
         lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    keys = status.get("keyring")
+    if keys:  # fingerprints (sha256 prefixes), never keys
+        lines.append(f"authkeys  {', '.join(keys['ring'])} (the master's ring); this client's: {keys['caller']}")
     for peer in status.get("rejected", []):
         lines.append(f"refused  {peer['host']}: {peer['count']} time(s), last {_ago(peer['seconds_ago'])}: "
                      f"{peer['reason']}")
@@ -408,7 +426,9 @@ def _run_master(args) -> int:
     """Check the configuration (exit 2 on a bad one), then serve until stopped."""
     if not args.state_dir:
         raise ConfigError("no state directory: pass --state-dir DIR or set TASKFLEET_STATE_DIR")
-    key = read_authkey(args.authkey_file)
+    from node.wire import Keyring
+
+    keyring = Keyring(args.authkey_file)  # read now: exit 2 if unusable; then again whenever it changes
     check_state_dir(args.state_dir)
     if args.plain_listen and not args.tls_dir:
         raise ConfigError("--plain-listen (env TASKFLEET_PLAIN_LISTEN) needs --tls-dir: without TLS, --listen is "
@@ -417,7 +437,7 @@ def _run_master(args) -> int:
     from node.master import run_master
 
     try:
-        return run_master(args.listen, key, args.state_dir, _modules(args), worker_ttl=args.worker_ttl,
+        return run_master(args.listen, keyring, args.state_dir, _modules(args), worker_ttl=args.worker_ttl,
                           max_payload=args.max_payload, durability=args.durability, retention=args.retention,
                           max_jobs=args.max_jobs, metrics_listen=args.metrics_listen, tls=tls,
                           plain_listen=args.plain_listen)
@@ -433,7 +453,7 @@ def _run_master(args) -> int:
 
 
 def _run_worker(args) -> int:
-    """Check the key file once (exit 2 if unusable); the worker re-reads it on every reconnect."""
+    """Check the key file once (exit 2 if unusable); the worker re-reads it whenever it changes."""
     master = _master_address(args)
     read_authkey(args.authkey_file)
     tls = TLS(args.tls_dir) if args.tls_dir else None
@@ -470,6 +490,11 @@ def _run(args) -> int:
             print(json.dumps(status, indent=2))
         else:
             print_status(status)
+        return 0
+    if args.command == "forget":
+        with _client(args) as client:
+            for host in args.hosts:
+                print(f"forgot {client.call('forget', host)} worker(s) of {host}")
         return 0
     if args.command == "results":
         with _client(args) as client:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from node import wire
-from node.config import DEFAULT_MAX_PAYLOAD, format_address, parse_address, read_authkey
+from node.config import DEFAULT_MAX_PAYLOAD, format_address, parse_address
 from node.errors import MasterUnavailable, StorageError
 from node.tls import TLS
 
@@ -66,7 +66,7 @@ class Client:
     Calls are safe to repeat: each chunk of a job carries the job's key and its first
     index, and the master adds nothing twice."""
 
-    def __init__(self, master, authkey: bytes, retry_for: float = 60.0, tls=None):
+    def __init__(self, master, authkey, retry_for: float = 60.0, tls=None):
         self.address = parse_address(master) if isinstance(master, str) else tuple(master)
         self.caller = wire.Caller(self.address, authkey, tls=_tls(tls))
         self.retry_for = retry_for
@@ -77,7 +77,7 @@ class Client:
         (MasterUnavailable) or the key or certificate is refused (AuthenticationError).
         `tls`: a directory of TLS files (see node/tls.py) or a TLS object; None for
         plaintext. Missing or bad TLS files raise TLSConfigError naming the file."""
-        client = cls(master, read_authkey(authkey_file), retry_for, tls)
+        client = cls(master, wire.Keyring(authkey_file), retry_for, tls)
         client.caller.connect()
         return client
 

@@ -64,7 +64,14 @@ def format_address(address: tuple[str, int]) -> str:
 
 
 def read_authkey(path: str | None) -> bytes:
-    """The file's bytes less trailing whitespace. Refused when others may read it."""
+    """The key this agent dials with: the first of the file's keyring (see read_keyring)."""
+    return read_keyring(path)[0]
+
+
+def read_keyring(path: str | None) -> list[bytes]:
+    """The file's keys, one per line, the one to dial with first (a master accepts any).
+    Each key is its line less trailing whitespace; blank lines are skipped. Refused when
+    others may read it."""
     if not path:
         raise ConfigError("no authkey file: pass --authkey-file PATH or set TASKFLEET_AUTHKEY_FILE")
     try:
@@ -78,10 +85,10 @@ def read_authkey(path: str | None) -> bytes:
             f"authkey file {path} is accessible by others (mode {stat.S_IMODE(mode):04o}); "
             f"the key is as strong as root on the fleet: run chmod 600 {path} (or 640 with a trusted group)"
         )
-    key = data.rstrip()
-    if not key:
+    keys = [line.rstrip() for line in data.splitlines() if line.strip()]
+    if not keys:
         raise ConfigError(f"authkey file {path} is empty")
-    return key
+    return keys
 
 
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

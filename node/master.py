@@ -2,9 +2,9 @@
 
 `Master` is the service workers and clients call (through server.Server). Workers:
 hello, heartbeat, lease, complete, release, goodbye, each for themselves. Clients:
-submit, withdraw, job, results, status. Every argument from the wire is checked here
-before it reaches the scheduler; a malformed one is refused with a plain error and
-changes nothing.
+submit, withdraw, job, results, status; operators (admin): forget (a removed worker
+host). Every argument from the wire is checked here before it reaches the scheduler; a
+malformed one is refused with a plain error and changes nothing.
 
 Over TLS the peer's certificate names its role, and `Master.authorize` holds each role
 to its calls (ROLE_CALLS); a worker acts only as itself (its worker ids start with its
@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 
-from node import PROTOCOL, __version__, systemd
+from node import OLDEST_WORKER_PROTOCOL, PROTOCOL, __version__, systemd
 from node.config import DEFAULT_MAX_PAYLOAD, format_address
 from node.scheduler import Scheduler
 from node.server import Server, Service
@@ -49,8 +49,12 @@ FAILED_SCAN_PAGES = 50  # pages of results `results(failed_only=True)` reads at 
 
 WORKER_CALLS = ("hello", "heartbeat", "goodbye", "lease", "complete", "release")
 CLIENT_CALLS = ("submit", "withdraw", "job", "results", "status")
+ADMIN_CALLS = ("forget",)
+# A certificate's role -> its calls. The master's own identity is its host's operator
+# (the playbooks ask status and forget on the master host): client and admin calls.
 ROLE_CALLS = {"worker": frozenset(WORKER_CALLS), "client": frozenset(CLIENT_CALLS),
-              "admin": frozenset(WORKER_CALLS + CLIENT_CALLS)}  # a certificate's role -> what it may call
+              "admin": frozenset(WORKER_CALLS + CLIENT_CALLS + ADMIN_CALLS),
+              "master": frozenset(CLIENT_CALLS + ADMIN_CALLS)}
 CLASSIC_ROLES = frozenset({"client", "admin"})  # who may use the tutorial's queues over TLS
 CLASSIC_METHODS = frozenset({"put", "get", "put_nowait", "get_nowait", "qsize", "empty", "full",
                              "task_done", "join"})
@@ -74,6 +78,8 @@ class Master:
         self.housekept = 0.0
         self.telemetry = Telemetry()  # run times, history, recent failures (metrics.py)
         self.metrics_address: str | None = None  # where /metrics and the dashboard are served
+        self.worker_keys: dict[str, str] = {}  # worker id -> fingerprint of the key its last call came with
+        self.builds: dict = {}  # worker id -> (version or None, protocol), from its hello
         scheduler.on_report = self._reported
 
     # -- who may call what (TLS peers) -------------------------------------------------
@@ -97,32 +103,49 @@ class Master:
     # -- workers ---------------------------------------------------------------------
 
     def hello(self, worker: str, host: str, pid: int, concurrency: int, held=(), instance=None,
-              protocol: int = 1) -> dict:
+              protocol: int = 1, version=None) -> dict:
         """A worker (re)joins. `held`: task ids it still holds, leased from the ledger
-        named `instance` (ids from another ledger are not claimed)."""
-        if protocol != PROTOCOL:
-            log.warning("refused worker %s on %s: it speaks protocol %s, this master %s", worker, host, protocol,
-                        PROTOCOL)
-            raise Incompatible(f"this master (taskfleet {__version__}) speaks protocol {PROTOCOL}, the worker "
-                               f"{protocol}: run the same taskfleet release on both")
+        named `instance` (ids from another ledger are not claimed). `protocol` must be
+        one this master serves (OLDEST_WORKER_PROTOCOL..PROTOCOL); `version`: the
+        worker's build, shown in status (protocol 2 workers do not send it)."""
+        if not (isinstance(protocol, int) and OLDEST_WORKER_PROTOCOL <= protocol <= PROTOCOL):
+            log.warning("refused worker %s on %s: it speaks protocol %s, this master serves %s", worker, host,
+                        protocol, _served())
+            advice = ("upgrade the master first" if isinstance(protocol, int) and protocol > PROTOCOL
+                      else "upgrade the worker")
+            raise Incompatible(f"this master (taskfleet {__version__}) serves worker protocol {_served()}, the worker "
+                               f"speaks {protocol}: {advice} (docs/operations.md, Version skew)")
         _check(isinstance(worker, str) and isinstance(host, str), "worker and host must be strings")
         held = [t for t in held if isinstance(t, int)] if instance == self.store.instance else []
         claimed = self.scheduler.join(worker, host, int(pid), int(concurrency), held)
-        log.info("worker %s joined from %s (pid %s, concurrency %s%s)", worker, host, pid, concurrency,
+        self._note_key(worker)
+        version = clean(version, 64) if isinstance(version, str) else None
+        self.builds[worker] = (version, protocol)
+        log.info("worker %s joined from %s (taskfleet %s, protocol %s, pid %s, concurrency %s%s)", worker, host,
+                 version or "unknown", protocol, pid, concurrency,
                  f", still holding {claimed} task(s)" if held else "")
         return {"worker_ttl": self.scheduler.worker_ttl, "max_payload": self.max_payload, "version": __version__,
                 "instance": self.store.instance, "protocol": PROTOCOL}
 
     def heartbeat(self, worker: str) -> bool:
         """False: the master does not know this worker (it restarted): say hello again."""
+        self._note_key(worker)
         return self.scheduler.touch(worker)
 
     def goodbye(self, worker: str) -> None:
         self.scheduler.leave(worker)
+        self.worker_keys.pop(worker, None)
         log.info("worker %s left", worker)
+
+    def _note_key(self, worker: str) -> None:
+        """Remember which key the worker's call came with (status shows it: a key
+        rotation checks every worker moved to the new key)."""
+        if self.server is not None:
+            self.worker_keys[worker] = self.server.caller_key()
 
     def lease(self, worker: str, limit: int, wait: float = 0.0) -> list:
         """Up to `limit` tasks, at most a fair share of the queue; may wait for work."""
+        self._note_key(worker)
         if not self.scheduler.touch(worker) or self.scheduler.reclaiming():
             return []  # unknown (say hello), or just restarted: holders re-claim first
         if wait > 0 and not self.stopping:
@@ -289,6 +312,21 @@ class Master:
             rows = self.store.results(job["id"], after, limit)
         return [], after
 
+    def forget(self, host: str) -> int:
+        """Forget the workers of `host` (an operator removed it): they leave status. Refused
+        (ValueError) while one of them is connected: stop it first. Any task one still held
+        is pending again, as for a lost worker. Returns how many were forgotten."""
+        _check(isinstance(host, str) and host, "forget needs a host name")
+        mine = [w for w in self.store.workers() if w["host"] == host]
+        alive = [w["id"] for w in mine if w["id"] in self.scheduler.seen]
+        if alive:
+            raise ValueError(f"worker {alive[0]} on {host} is still connected: stop it first")
+        gone = [w["id"] for w in mine if w["state"] != "left"]
+        for worker in gone:
+            self.scheduler.leave(worker)
+        log.info("forgot %d worker(s) of host %s", len(gone), host)
+        return len(gone)
+
     def status(self) -> dict:
         now, mono = time.time(), time.monotonic()
         rows = self.store.workers()
@@ -296,11 +334,13 @@ class Master:
         newest_alive = {}  # host -> start time of its newest live worker
         for w in rows:
             w["alive"] = w["id"] in seen
+            w["version"], w["protocol"] = self.builds.get(w["id"], (None, None))
             if w["alive"]:
                 newest_alive[w["host"]] = max(newest_alive.get(w["host"], 0.0), w["started"] or 0.0)
                 w["last_seen_ago"] = round(mono - seen[w["id"]], 1)
             else:
                 w["last_seen_ago"] = round(now - w["last_seen"], 1) if w["last_seen"] else None
+            w["key"] = self.worker_keys.get(w["id"]) if w["alive"] else None
         # History is not the fleet: workers that left, were lost long ago, or were
         # replaced by a newer worker on the same host are left out.
         workers = [
@@ -311,7 +351,8 @@ class Master:
         window = min(THROUGHPUT_WINDOW, max(1.0, now - self.started))
         recent = sum(n for t, n in list(self.completions) if t >= mono - window)
         return {
-            "master": {"address": self.address, "version": __version__, "pid": os.getpid(),
+            "master": {"address": self.address, "version": __version__, "protocol": PROTOCOL,
+                       "worker_protocols": [OLDEST_WORKER_PROTOCOL, PROTOCOL], "pid": os.getpid(),
                        "uptime": round(now - self.started, 1), "state": str(self.store.path),
                        "durability": self.store.durability, "instance": self.store.instance,
                        "metrics": self.metrics_address},
@@ -319,6 +360,10 @@ class Master:
             "throughput": round(recent / window, 1),
             "workers": workers,
             "rejected": self.server.rejected_peers() if self.server else [],
+            # Fingerprints (wire.fingerprint), never keys: the ring in the file's order, and
+            # the key this status call came with.
+            "keyring": {"ring": list(self.server.key_ids), "caller": self.server.caller_key()}
+            if self.server else None,
         }
 
     # -- upkeep ----------------------------------------------------------------------
@@ -335,6 +380,7 @@ class Master:
                 continue
             log.warning("worker %s lost: silent for %.0f s; %d task(s) it held are pending again",
                         worker, silent, held)
+            self.worker_keys.pop(worker, None)
             self.telemetry.leases_expired += held
         self.scheduler.end_reclaim()
         self.telemetry.sample(self)
@@ -352,8 +398,14 @@ class Master:
             if pruned:
                 log.info("pruned %d finished job(s) past retention", len(pruned))
             self.store.forget_workers(time.time() - STATUS_LOST_FOR)
+            kept = {w["id"] for w in self.store.workers()}
+            self.builds = {w: build for w, build in self.builds.items() if w in kept}
         except StorageError as exc:
             log.error("housekeeping postponed: %s", exc)
+
+
+def _served() -> str:
+    return str(PROTOCOL) if OLDEST_WORKER_PROTOCOL == PROTOCOL else f"{OLDEST_WORKER_PROTOCOL} to {PROTOCOL}"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -372,7 +424,7 @@ def _classic_authorize(identity, method, args, kwargs) -> None:
         raise PermissionError(f"{identity} may not use the tutorial's queues")
 
 
-def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_modules=(),
+def run_master(listen: tuple[str, int], authkey, state_dir: str, tasks_modules=(),
                worker_ttl: float = 10.0, max_payload: int = DEFAULT_MAX_PAYLOAD, durability: str = "full",
                retention: float = DEFAULT_RETENTION, max_jobs: int = DEFAULT_MAX_JOBS,
                metrics_listen: tuple[str, int] | None = None, tls=None,
@@ -388,7 +440,8 @@ def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_mo
     classic = [Service(name, queue.Queue(CLASSIC_QUEUE_SIZE), CLASSIC_METHODS, typeid=f"get_{name}", drain=False,
                        authorize=_classic_authorize)
                for name in ("task_queue", "result_queue")]
-    server = Server(listen, authkey, [Service("master", master, frozenset(WORKER_CALLS + CLIENT_CALLS), "get_master",
+    server = Server(listen, authkey, [Service("master", master, frozenset(WORKER_CALLS + CLIENT_CALLS + ADMIN_CALLS),
+                                              "get_master",
                                               authorize=master.authorize), *classic], tls=tls)
     plain = Server(plain_listen, authkey, classic) if plain_listen is not None else None
     master.server = server
@@ -413,6 +466,7 @@ def run_master(listen: tuple[str, int], authkey: bytes, state_dir: str, tasks_mo
     systemd.notify("READY=1", f"STATUS=serving on {format_address(server.address)}")
     while not stop.wait(1.0):
         try:
+            server.refresh_keys()  # a key removed from the file: its connections are cut within a second
             master.upkeep()
         except Exception:
             log.exception("upkeep failed")

@@ -36,6 +36,7 @@ import json
 import logging
 import operator
 import socket
+import socketserver
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -297,9 +298,9 @@ class _HTTPServer(ThreadingHTTPServer):
             self.loopback = False
         super().__init__(address, _Handler)
 
-    def server_bind(self):  # no reverse lookup of the address (ThreadingHTTPServer's getfqdn)
-        self.socket.bind(self.server_address)
-        self.server_address = self.socket.getsockname()[:2]
+    def server_bind(self):  # TCPServer's (SO_REUSEADDR: TIME_WAIT after a restart) without HTTPServer's getfqdn
+        socketserver.TCPServer.server_bind(self)
+        self.server_address = self.server_address[:2]
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def get_request(self):

@@ -14,6 +14,10 @@ One thread per connection. The promises:
 - over TLS (`tls`), each call is first put to its service's `authorize` with the peer's
   certificate identity: a refusal is logged and answered with PermissionError; when the
   TLS files change (a revocation), every TLS peer is cut and must verify again;
+- a keyring: a peer may authenticate with any key of the authkey file (wire.Keyring,
+  re-read at each handshake and each `refresh_keys`); when a key leaves the file, the
+  connections authenticated with it are cut, so a peer still holding it is refused at
+  its next handshake rather than served on;
 - exactly one reply per request, never one that was not asked for; a call cut short
   by the master stopping (a service raises ConnectionAbortedError) gets no reply at
   all: the peer sees the connection close and retries, so it cannot mistake anything
@@ -69,12 +73,15 @@ class _Rejections:
 
 
 class Server:
-    def __init__(self, address: tuple[str, int], authkey: bytes, services: list[Service], *,
+    def __init__(self, address: tuple[str, int], authkey, services: list[Service], *,
                  max_connections: int = MAX_CONNECTIONS, max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  tls: tlsmod.TLS | None = None):
-        self.authkey = authkey
         self.tls = tls
         self.tls_checked = time.monotonic()
+        """`authkey`: a wire.Keyring, or the one key (bytes)."""
+        self.keyring = wire.Keyring.of(authkey)
+        self.key_ids = [wire.fingerprint(k) for k in self.keyring.keys()]  # the ring last seen, in order
+        self.local = threading.local()  # .key_id: the key of the connection this thread serves
         self.services = {s.ident: s for s in services}
         self.typeids = {s.typeid: s for s in services if s.typeid}
         self.max_connections = max_connections
@@ -200,9 +207,8 @@ class Server:
 
     def _serve(self, conn: wire.Connection, peer) -> None:
         try:
-            admitted, identity = self._handshake(conn, peer)
-            if admitted:
-                self._request_loop(conn, peer, identity)
+            if self._handshake(conn, peer):
+                self._request_loop(conn, peer)
         except Exception:
             log.exception("connection from %s failed", _host(peer))
         finally:
@@ -211,16 +217,15 @@ class Server:
                 self.serving.discard(conn)
             conn.close()
 
-    def _handshake(self, conn: wire.Connection, peer) -> tuple[bool, tlsmod.Identity | None]:
-        """(admitted, the peer's TLS identity or None over plaintext)."""
+    def _handshake(self, conn: wire.Connection, peer) -> bool:
         try:
-            identity = wire.serve_handshake(conn, self.authkey)
+            wire.serve_handshake(conn, self.refresh_keys())
         except AuthenticationError:
             reason = "authentication failed (wrong authkey)"
         except EOFError:
             if conn in self.handshaking:  # closed without a word: a port probe (health check)
                 log.debug("connection from %s closed before authenticating", _host(peer))
-                return False, None
+                return False
             reason = "handshake cut: too many unauthenticated connections"
         except PermissionError as exc:  # a certificate of our CA without a role
             reason = str(exc)
@@ -228,17 +233,18 @@ class Server:
             reason = f"no valid handshake ({_handshake_error(exc, self.tls is not None)})"
         else:
             with self.lock:
-                if self.stopping or self.handshaking.pop(conn, None) is None:
-                    return False, None  # evicted at the last moment, or the master is stopping
+                if self.stopping or self.handshaking.pop(conn, None) is None or conn.key_id not in self.key_ids:
+                    return False  # evicted at the last moment, the master is stopping, or its key just left
                 self.serving.add(conn)
             wire.tune(conn.sock, keepalive=True)
             conn.timeout = None
-            return True, identity
+            self.local.key_id = conn.key_id
+            return True
         with self.lock:
             self._rejected(peer, reason)
-        return False, None
+        return False
 
-    def _request_loop(self, conn: wire.Connection, peer, identity: tlsmod.Identity | None) -> None:
+    def _request_loop(self, conn: wire.Connection, peer) -> None:
         while True:
             try:
                 request = conn.recv()
@@ -255,7 +261,7 @@ class Server:
                     return
                 self.calls += counted
             try:
-                reply = self._dispatch(request, peer, identity)
+                reply = self._dispatch(request, peer, conn.identity)
             except ConnectionAbortedError:  # cut short by the master stopping: no reply
                 return
             finally:
@@ -320,6 +326,28 @@ class Server:
     def _refuse(self, peer, what: str):
         log.warning("refused %s from %s", what, _host(peer))
         return ("#ERROR", PermissionError(f"refused: {what}"))
+
+    # -- the keyring -----------------------------------------------------------------
+
+    def refresh_keys(self) -> list[bytes]:
+        """The ring as the authkey file holds it now. Connections authenticated with a key
+        that left it are cut (logged with the key's fingerprint)."""
+        keys = self.keyring.keys()
+        key_ids = [wire.fingerprint(k) for k in keys]
+        with self.lock:
+            if key_ids == self.key_ids:
+                return keys
+            self.key_ids = key_ids
+            cut = [c for c in self.serving if c.key_id not in key_ids]
+        for conn in cut:
+            conn.abort()
+        log.info("authkey ring now %s%s", ", ".join(key_ids),
+                 f"; cut {len(cut)} connection(s) made with a key no longer in it" if cut else "")
+        return keys
+
+    def caller_key(self) -> str | None:
+        """Fingerprint of the key the connection making the current call authenticated with."""
+        return getattr(self.local, "key_id", None)
 
     # -- stopping --------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Debian packages a task needs on this machine, installed with apt-get when missing.
 
 Used by `cluster.up` (vagrant, lxc, ...) and `test` (chromium and chromium-driver for the
-dashboard's browser test). Installing needs root and apt-get; `can_install` says whether
-this machine has both.
+dashboard's browser tests, prometheus for the end-to-end tier). Installing needs root and
+apt-get; `can_install` says whether this machine has both.
 """
 
 from __future__ import annotations

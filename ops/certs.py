@@ -12,11 +12,11 @@ from invoke.exceptions import Exit
 
 from ops import inventory as inv
 from ops.confirm import confirm
-from ops.deploy import DEFAULT_INVENTORY, play, resolve_inventory
+from ops.deploy import DEFAULT_INVENTORY, resolve_inventory, run_playbook
 from ops.pki import CA, RENEW_BEFORE_DAYS
 
 INVENTORY_HELP = "Ansible inventory of the fleet; default inventory/local"
-PLAYBOOK = "playbooks/certs-revoke.yml"
+PLAYBOOK = "certs-revoke.yml"
 
 
 def _ca(fleet: inv.Fleet) -> CA:
@@ -38,7 +38,8 @@ def status(c, inventory=DEFAULT_INVENTORY):
         if cert is None:
             rows.append((name, "-", "-", "-", "none (revoked, or not deployed yet)"))
             continue
-        state = "revoked" if cert.revoked else ("renewed at next deploy" if cert.days_left <= RENEW_BEFORE_DAYS else "valid")
+        renew = cert.days_left <= RENEW_BEFORE_DAYS
+        state = "revoked" if cert.revoked else ("renewed at next deploy" if renew else "valid")
         rows.append((name, cert.role, f"{cert.not_after:%Y-%m-%d %H:%M}", f"{cert.days_left:.0f}", state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -61,7 +62,7 @@ def revoke(c, hosts, yes=False, inventory=DEFAULT_INVENTORY):
     if not yes:
         confirm(f"Revoke the TLS identity of {', '.join(names)}? The master locks them out at once; "
                 "`invoke deploy --limit HOST` issues a new one later.")
-    play(c, path, PLAYBOOK, "-e", f"taskfleet_revoke={','.join(names)}", what="certs-revoke")
+    run_playbook(c, PLAYBOOK, path, what="certs-revoke", extra_vars={"taskfleet_revoke": ",".join(names)})
     print(f"==> certs.revoke: {', '.join(names)} revoked")
 
 

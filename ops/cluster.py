@@ -210,18 +210,24 @@ def _wait_ssh(nodes: list[lc.Node], timeout: float = 90.0) -> None:
 
 
 def _check_against_record(s: lc.Settings) -> None:
-    """Refuse settings that would orphan what an earlier `cluster.up` made (more workers is fine)."""
+    """Refuse settings that would orphan what an earlier `cluster.up` made. Only the number of
+    workers may change on a running cluster: more are added; fewer remove the last ones
+    (their containers are destroyed), so a cluster grown for a test can shrink back."""
     rec = lc.recorded()
     if rec is None or not any(_lxc_state(n.container) != "ABSENT" for n in lc.nodes(rec)):
         return
     now, was = s.env(), rec.env()
     diff = [f"{k}={was[k]} (now {now[k]})" for k in was if was[k] != now[k]]
-    if any(not d.startswith("TASKFLEET_WORKERS=") for d in diff) or s.workers < rec.workers:
+    if any(not d.startswith("TASKFLEET_WORKERS=") for d in diff):
         raise Exit(
             f"cluster: a cluster made with {', '.join(diff)} is up. Run `invoke cluster.down` first "
             f"(it removes what was made), or keep those settings.",
             code=1,
         )
+    for n in lc.nodes(rec)[len(lc.nodes(s)):]:
+        _say(f"removing {n.name} (TASKFLEET_WORKERS={s.workers}, was {rec.workers})")
+        _run("lxc-stop", "-k", "-n", n.container, check=False, quiet=True)
+        _vagrant(rec, "destroy", "-f", n.name)
 
 
 @task(

@@ -1,6 +1,7 @@
 """`invoke deploy`: build the artifact, then run playbooks/site.yml with Ansible.
 
-The full Ansible output of every run is kept in .cluster/logs/deploy-TIMESTAMP.log (0600),
+`run_playbook` runs any of the playbooks the same way (`invoke upgrade` and `rollback` too).
+The full Ansible output of every run is kept in .cluster/logs/WHAT-TIMESTAMP.log (0600),
 so a deploy can be read again later, and so tests can prove the authkey never shows up.
 """
 
@@ -19,7 +20,6 @@ from ops import artifact
 from ops.paths import CLUSTER_DIR, LOCAL_INVENTORY, ROOT
 
 VENV_BIN = ROOT / ".venv" / "bin"
-PLAYBOOK = ROOT / "playbooks" / "site.yml"
 LOG_DIR = CLUSTER_DIR / "logs"
 CONTROL_PATH_DIR = CLUSTER_DIR / "ansible-cp"
 DEFAULT_INVENTORY = "inventory/local"
@@ -71,44 +71,47 @@ def _check_inventory(inventory: Path) -> None:
 
 
 def _leaked_authkey(inventory: Path, output: str) -> bool:
-    """True if the controller-generated authkey of this inventory appears in the output."""
-    key_file = (inventory if inventory.is_dir() else inventory.parent) / "secrets" / "authkey"
-    try:
-        key = key_file.read_text().strip()
-    except OSError:
-        return False
-    return bool(key) and key in output
+    """True if a controller-generated authkey of this inventory (the key, or the next one
+    while a rotation is under way) appears in the output."""
+    secrets = (inventory if inventory.is_dir() else inventory.parent) / "secrets"
+    for key_file in (secrets / "authkey", secrets / "authkey.next"):
+        try:
+            key = key_file.read_text().strip()
+        except OSError:
+            continue
+        if key and key in output:
+            return True
+    return False
 
 
-@task(
-    help={
-        "inventory": "Ansible inventory (directory or file) to deploy to; default inventory/local",
-        "limit": "only these hosts or groups (Ansible --limit pattern, e.g. 'worker1' or 'workers')",
-        "check": "dry run: show what would change (ansible-playbook --check --diff), change nothing",
-    }
-)
-def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
-    """Deploy the node agents with Ansible (builds the artifact first)."""
+def resolve_inventory(inventory: str) -> Path:
+    """The inventory path (relative to the working directory, else the checkout), checked."""
     inv = Path(inventory)
     if not inv.is_absolute():
         inv = (Path.cwd() / inv) if (Path.cwd() / inv).exists() else ROOT / inv
     _check_inventory(inv)
+    return inv
+
+
+def run_playbook(c, playbook: str, inv: Path, *, what: str = "deploy", limit=None, check=False,
+                 extra_vars: dict | None = None) -> dict:
+    """Run playbooks/PLAYBOOK against `inv` with the pinned ansible-playbook, output streamed
+    and kept in .cluster/logs/WHAT-TIMESTAMP.log (0600). Returns the PLAY RECAP; raises Exit
+    with one line naming the unreachable or failed hosts, or a leaked authkey."""
     playbook_bin = VENV_BIN / "ansible-playbook"
     if not playbook_bin.exists():
-        raise Exit("deploy: .venv has no ansible-playbook: run tasks through ./invoke, which makes it.", 2)
-
-    built = artifact.build()
-    print(f"==> built {built.relative_to(ROOT)}")
-
-    cmd = [str(playbook_bin), "-i", str(inv), str(PLAYBOOK.relative_to(ROOT))]
+        raise Exit(f"{what}: .venv has no ansible-playbook: run tasks through ./invoke, which makes it.", 2)
+    cmd = [str(playbook_bin), "-i", str(inv), f"playbooks/{playbook}"]
     if limit:
         cmd += ["--limit", limit]
     if check:
         cmd += ["--check", "--diff"]
+    for name, value in (extra_vars or {}).items():
+        cmd += ["-e", f"{name}={value}"]
 
     CONTROL_PATH_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"deploy-{datetime.now():%Y%m%d-%H%M%S}.log"
+    log_path = LOG_DIR / f"{what}-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
     env = {
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(CONTROL_PATH_DIR),
@@ -137,8 +140,8 @@ def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
 
     if _leaked_authkey(inv, output):
         raise Exit(
-            f"deploy: SECURITY: the authkey appears in the Ansible output ({log_path}). Rotate it "
-            "(delete the inventory's secrets/authkey, redeploy) and fix the task that leaked it.",
+            f"{what}: SECURITY: the authkey appears in the Ansible output ({log_path}). Rotate it "
+            "(invoke key.rotate) and fix the task that leaked it.",
             3,
         )
     unreachable = sorted(h for h, counts in recap.items() if counts.get("unreachable"))
@@ -147,10 +150,27 @@ def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
         hint = ""
         if inv.resolve() == LOCAL_INVENTORY.resolve():
             hint = " Is the local cluster up? Start it with: invoke cluster.up"
-        raise Exit(f"deploy: unreachable over SSH: {', '.join(unreachable)}.{hint}", 4)
+        raise Exit(f"{what}: unreachable over SSH: {', '.join(unreachable)}.{hint}", 4)
     if failed:
-        raise Exit(f"deploy: ansible-playbook failed on {', '.join(failed)} (see above, or {log_path}).", 2)
+        raise Exit(f"{what}: ansible-playbook failed on {', '.join(failed)} (see above, or {log_path}).", 2)
     if result.exited != 0:
-        raise Exit(f"deploy: ansible-playbook failed with exit code {result.exited} (see {log_path}).", 1)
+        raise Exit(f"{what}: ansible-playbook failed with exit code {result.exited} (see {log_path}).", 1)
     if not recap:
-        raise Exit("deploy: no PLAY RECAP: no host matched (check --limit and the inventory).", 1)
+        raise Exit(f"{what}: no PLAY RECAP: no host matched (check --limit and the inventory).", 1)
+    return recap
+
+
+@task(
+    help={
+        "inventory": "Ansible inventory (directory or file) to deploy to; default inventory/local",
+        "limit": "only these hosts or groups (Ansible --limit pattern, e.g. 'worker1' or 'workers'); "
+                 "a new host joins with --limit NEWHOST, changing nothing elsewhere",
+        "check": "dry run: show what would change (ansible-playbook --check --diff), change nothing",
+    }
+)
+def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
+    """Deploy the node agents with Ansible (builds the artifact first; workers restart in batches)."""
+    inv = resolve_inventory(inventory)
+    built = artifact.build()
+    print(f"==> built {built.relative_to(ROOT)}")
+    run_playbook(c, "site.yml", inv, limit=limit, check=check)

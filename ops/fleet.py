@@ -80,7 +80,9 @@ def demo(c, tasks=200, ms=25, inventory="inventory/local"):
     _check(code, "demo")
 
 
-def _connect(host: inv.Host) -> Connection:
+def connect(host: inv.Host) -> Connection:
+    """A Fabric connection to `host` as Ansible makes it (user, key; known host keys only
+    where the inventory checks them). Not opened yet."""
     conn = Connection(host.address, user=host.user, connect_timeout=10,
                       connect_kwargs={"key_filename": host.key_file} if host.key_file else {})
     if host.check_host_key:  # production: known hosts only, as Ansible does
@@ -97,7 +99,7 @@ def logs(c, host=None, follow=False, lines=50, inventory="inventory/local"):
     chosen = fleet.select(host)
     command = (f"sudo journalctl -u taskfleet-master -u taskfleet-worker -n {int(lines)} --no-pager"
                + (" -f" if follow else ""))
-    group = ThreadingGroup.from_connections([_connect(h) for h in chosen])
+    group = ThreadingGroup.from_connections([connect(h) for h in chosen])
     if not follow:
         for h, conn in zip(chosen, group):
             print(f"==> {h.name} ({h.address})")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from invoke.exceptions import Exit
 
+from node.config import DEFAULT_METRICS_PORT
 from ops.paths import LOCAL_INVENTORY, ROOT
 
 ANSIBLE_INVENTORY = ROOT / ".venv" / "bin" / "ansible-inventory"
@@ -28,6 +29,7 @@ class Host:
     key_file: str | None
     check_host_key: bool
     groups: tuple
+    vars: dict  # its variables as Ansible resolves them (vaulted ones stay encrypted)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Fleet:
     hosts: list  # of Host, master first
     master_address: str  # HOST:PORT
     authkey_file: Path
+    metrics_listen: str  # the master's taskfleet_metrics_listen, as written in the inventory
     tls: bool = True  # the fleet speaks TLS (taskfleet_tls): the controller uses its identities below
 
     def tls_dir(self, role: str = "client") -> Path | None:
@@ -81,13 +84,15 @@ def load(inventory: str | Path = LOCAL_INVENTORY) -> Fleet:
         groups = tuple(g for g in ("master", "workers") if name in data.get(g, {}).get("hosts", []))
         hosts.append(Host(name, hv.get("ansible_host", name), hv.get("ansible_user"),
                           hv.get("ansible_ssh_private_key_file"),
-                          bool(hv.get("ansible_host_key_checking", True)), groups))
+                          bool(hv.get("ansible_host_key_checking", True)), groups, hv))
     master_vars = hostvars.get(masters[0], {})
     address = master_vars.get("taskfleet_master_address", hosts[0].address)
     port = master_vars.get("taskfleet_master_port", DEFAULT_PORT)
     key = Path(os.environ.get("TASKFLEET_AUTHKEY_FILE") or path / "secrets" / "authkey")
+    # The role default when the inventory does not set it (roles/common/defaults).
+    metrics = str(master_vars.get("taskfleet_metrics_listen", f"127.0.0.1:{DEFAULT_METRICS_PORT}"))
     tls = _truthy(master_vars.get("taskfleet_tls", True))
-    return Fleet(path, hosts, os.environ.get("TASKFLEET_MASTER") or f"{address}:{port}", key, tls)
+    return Fleet(path, hosts, os.environ.get("TASKFLEET_MASTER") or f"{address}:{port}", key, metrics, tls)
 
 
 def _truthy(value) -> bool:

@@ -89,7 +89,7 @@ class CA:
         self.cert = x509.load_pem_x509_certificate((self.dir / "ca.crt").read_bytes())
 
     @classmethod
-    def create(cls, directory, name: str = "taskfleet") -> "CA":
+    def create(cls, directory, name: str = "taskfleet") -> CA:
         """The CA in `directory`, created (key, certificate, empty CRL) when absent."""
         d = Path(directory)
         if not (d / "ca.key").exists():

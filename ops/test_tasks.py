@@ -10,9 +10,10 @@ from invoke.exceptions import Exit
 from ops import apt, localcluster
 from ops.paths import ROOT
 
-# The dashboard's test drives the page in a real browser (Debian's headless Chromium and its
-# driver); the secure fleet's test captures the cluster's bridge (tcpdump).
-TEST_PACKAGES = ("chromium", "chromium-driver", "tcpdump")
+# The dashboard's tests drive the page in a real browser: Debian's headless Chromium and its
+# driver; the end-to-end tier scrapes the master with Debian's Prometheus (run by the test
+# itself: its package's service is not used) and captures the cluster's bridge (tcpdump).
+CONTROLLER_PACKAGES = ("chromium", "chromium-driver", "prometheus", "tcpdump")
 
 
 @task(help={
@@ -23,10 +24,10 @@ TEST_PACKAGES = ("chromium", "chromium-driver", "tcpdump")
 def test(c, e2e=True, keep_cluster=False, pytest_args=""):
     """Run the tests: unit, integration, and end-to-end on the local cluster (needs root)."""
     if apt.can_install():
-        apt.ensure(TEST_PACKAGES, "test")
-    elif apt.missing(TEST_PACKAGES):
-        print(f"==> not root or no apt-get: {', '.join(apt.missing(TEST_PACKAGES))} cannot be installed; "
-              "the tests that need them will be skipped", flush=True)
+        apt.ensure(CONTROLLER_PACKAGES, "test")
+    elif missing := apt.missing(CONTROLLER_PACKAGES):
+        print(f"==> not root or no apt-get: {', '.join(missing)} cannot be installed; the tests that need "
+              "them (the dashboard in a browser, Prometheus, the bridge capture) will be skipped", flush=True)
     was_up = localcluster.recorded() is not None
     marker = [] if e2e else ["-m", "not e2e"]
     command = ["pytest", "-p", "no:cacheprovider", "-rs", *marker, *shlex.split(pytest_args)]

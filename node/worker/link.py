@@ -6,11 +6,12 @@ tasks, reports outcomes, hands tasks back. What it must survive without dying:
 - the master restarting (same ledger: held tasks are re-claimed at hello) or coming
   back on a fresh ledger (another `instance`: everything held from the old one is
   dropped, and outcomes still to come from it are discarded);
-- a changed authkey: the key file is read again at every reconnect, and it retries
-  with backoff, saying so in its log (only a wrong key at the very first connection
-  ends the worker, exit code 2: a configuration error);
-- a master speaking another protocol version, or failing to store (a full disk):
-  outcomes are kept and sent again later.
+- a changed authkey: the key file is read again whenever it changes (wire.Keyring); the
+  next call dials with its first key, and a refused key is retried with backoff, saying
+  so in its log (only a wrong key at the very first connection ends the worker, exit
+  code 2: a configuration error);
+- a master that does not serve its protocol (an older master: upgrades go master
+  first), or failing to store (a full disk): outcomes are kept and sent again later.
 
 Anything else that escapes is fatal: the thread records it and the agent exits
 non-zero, so systemd restarts it (a dead link thread never leaves a live process).
@@ -24,8 +25,8 @@ import random
 import time
 from multiprocessing import AuthenticationError
 
-from node import PROTOCOL, wire
-from node.config import ConfigError, describe_error, format_address, read_authkey
+from node import PROTOCOL, __version__, wire
+from node.config import ConfigError, describe_error, format_address
 from node.errors import Incompatible, MasterUnavailable, RemoteError, StorageError
 
 log = logging.getLogger("taskfleet.worker")
@@ -48,15 +49,12 @@ class Link:
         self.authkey_file = authkey_file
         where = worker.master
         self.where = format_address(where)
-        self.caller = wire.Caller(where, self._read_key, reply_timeout=REPLY_TIMEOUT, tls=worker.tls)
+        self.caller = wire.Caller(where, wire.Keyring(authkey_file), reply_timeout=REPLY_TIMEOUT, tls=worker.tls)
         self.ever_connected = False
         self.connected = False
         self.backoff = 0.5
         self.beat_every = 2.5
         self.next_beat = 0.0
-
-    def _read_key(self) -> bytes:
-        return read_authkey(self.authkey_file)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -101,7 +99,7 @@ class Link:
                 w.fail(str(exc), code=2)  # at first start: a configuration error
                 w.draining.set()
                 return False
-            self._retry_later(f"{exc} (re-reading {self.authkey_file} at every try)")
+            self._retry_later(f"{exc} (re-reading {self.authkey_file} when it changes)")
             return False
         except ConfigError as exc:  # the key file went missing or bad mid-rotation
             self._retry_later(str(exc))
@@ -121,7 +119,13 @@ class Link:
         """Say hello, with the tasks still held. A master on another ledger (a fresh
         state dir) knows nothing of them: drop them and any outcome still to come."""
         w = self.worker
-        info = self.caller.call("hello", w.id, w.host, os.getpid(), w.concurrency, w.held(), w.epoch, PROTOCOL)
+        introduction = (w.id, w.host, os.getpid(), w.concurrency, w.held(), w.epoch, PROTOCOL)
+        try:
+            info = self.caller.call("hello", *introduction, __version__)
+        except (TypeError, RemoteError):
+            # A protocol 2 master's hello takes no version (TypeError): asked without it,
+            # it refuses this worker's protocol plainly (Incompatible).
+            info = self.caller.call("hello", *introduction)
         if w.epoch is not None and info["instance"] != w.epoch:
             dropped = w.new_epoch(info["instance"])
             log.warning("the master's ledger changed (a new state dir): dropped %d task(s) and outcome(s) "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import browser  # noqa: F401 - the fixture of test_dashboard.py
 from tests.waiting import wait_for  # noqa: F401 - the tests import it from here
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,8 +134,9 @@ class Agents:
     def cli(self, *args, env: dict | None = None, timeout: float = 60.0, input: str | None = None,
             entry: list | None = None, python: str = PYTHON, with_master: bool = True) -> subprocess.CompletedProcess:
         argv = [python, *(entry or ["-m", "node"]), *args]
-        if with_master and args and args[0] in ("submit", "status", "results"):
-            argv += ["--master", self.master_address, "--authkey-file", str(self.key), *self._tls_args("client")]
+        if with_master and args and args[0] in ("submit", "status", "results", "forget"):
+            argv += ["--master", self.master_address, "--authkey-file", str(self.key),
+                     *self._tls_args("admin" if args[0] == "forget" else "client")]
         return subprocess.run(argv, capture_output=True, text=True, cwd=str(ROOT), env=env or base_env(),
                               timeout=timeout, input=input)
 

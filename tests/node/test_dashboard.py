@@ -6,83 +6,19 @@ host, show the job's progress bar advance and the plot change between two looks,
 failures' text as text, and fetch nothing but its own server. A screenshot is kept in
 the test's tmp dir and copied to $TASKFLEET_ARTIFACTS (default .cluster/artifacts/).
 
-`./invoke test` installs chromium and chromium-driver with apt-get when missing (as root);
-elsewhere the test is skipped, saying so. Selenium Manager is never used (the driver's
-path is given, and the test fails if it runs), so nothing is downloaded.
+The browser (tests/browser.py) is skipped, saying why, where chromium or chromedriver
+are missing: `./invoke test` installs them with apt-get as root.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
-import pytest
-
-from conftest import ROOT, wait_for
+from conftest import wait_for
 from test_metrics import metrics_address, start_named_worker
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-default-apps", "--disable-extensions", "--disable-domain-reliability", "--disable-breakpad",
-    "--no-default-browser-check", "--disable-dev-shm-usage", "--password-store=basic",
-    "--proxy-server=127.0.0.1:9",  # anything not on loopback (bypassed implicitly) goes nowhere
-    "--window-size=1400,1250", "--force-device-scale-factor=1",
-)  # fmt: skip
+from tests.browser import keep_screenshot, look
+
 HOSTS = ("alpha-node", "beta-node", '<b>gamma</b> & "co"')
 HOSTILE_ERROR = '<img src=x onerror="window.pwned=1">'
-
-
-@pytest.fixture
-def browser(tmp_path, monkeypatch):
-    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed: `./invoke test` installs Debian's chromium and "
-                    "chromium-driver when run as root with apt-get")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.selenium_manager import SeleniumManager
-
-    def no_manager(*_args, **_kwargs):
-        raise AssertionError("Selenium Manager must not run: it would download drivers")
-
-    monkeypatch.setattr(SeleniumManager, "binary_paths", no_manager)
-    monkeypatch.setenv("SE_AVOID_STATS", "true")
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tmp_path / "chromium-profile"
-    profile.mkdir()
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
-        driver.set_page_load_timeout(30)
-        driver.set_script_timeout(10)
-        yield driver
-    finally:
-        driver.quit()
-
-
-def _look(driver, job: int) -> dict:
-    """What the page shows now: hosts, the job's progress bar, the plot."""
-    return driver.execute_script(
-        """
-        const job = document.querySelector('#jobs tr[data-job="' + arguments[0] + '"] .bar .done');
-        return {
-          hosts: [...document.querySelectorAll('#workers tr[data-host] td.host')].map((td) => td.textContent),
-          done: job ? parseFloat(job.style.width) : null,
-          plot: document.getElementById('plot').innerHTML,
-          queued: document.getElementById('t-queued').textContent,
-        };
-        """, job)
 
 
 def test_the_dashboard_shows_the_fleet_live(agents, browser, tmp_path):
@@ -95,23 +31,19 @@ def test_the_dashboard_shows_the_fleet_live(agents, browser, tmp_path):
     base = f"http://{metrics_address(agents)}/"
     with agents.client() as client:
         browser.get(base)
-        wait_for(lambda: sorted(_look(browser, 0)["hosts"]) == sorted(HOSTS), 20,
+        wait_for(lambda: sorted(look(browser, 0)["hosts"]) == sorted(HOSTS), 20,
                  f"the page to list the hosts {HOSTS}", interval=0.2)
         job = client.submit("sleep", [(0.1,)] * 360)  # about 6 s on 6 processes
         client.submit("fail", [(HOSTILE_ERROR,)], retries=0)
-        first = wait_for(lambda: (lambda look: look if look["done"] else None)(_look(browser, job.id)), 20,
+        first = wait_for(lambda: (lambda seen: seen if seen["done"] else None)(look(browser, job.id)), 20,
                          "the job's progress bar to start", interval=0.2)
-        second = wait_for(lambda: (lambda look: look if look["done"] > first["done"] and look["plot"] != first["plot"]
-                                   else None)(_look(browser, job.id)), 20,
+        second = wait_for(lambda: (lambda seen: seen if seen["done"] > first["done"] and seen["plot"] != first["plot"]
+                                   else None)(look(browser, job.id)), 20,
                           "the progress bar to advance and the plot to change", interval=0.2)
         assert second["done"] > first["done"] > 0
         wait_for(lambda: HOSTILE_ERROR in browser.find_element(By.ID, "failures").text, 30,
                  "the failure to show", interval=0.2)
-    shot = tmp_path / "dashboard.png"
-    assert browser.save_screenshot(str(shot)), "no screenshot"
-    artifacts = Path(os.environ.get("TASKFLEET_ARTIFACTS") or ROOT / ".cluster" / "artifacts")
-    artifacts.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, artifacts / "dashboard.png")
+    shot = keep_screenshot(browser, tmp_path, "dashboard.png")
     assert shot.stat().st_size > 10_000
 
     # Text from workers is shown as text: the markup host and error are literal, inert.
@@ -155,20 +87,16 @@ def test_the_dashboard_stays_readable_with_20_hosts_and_1000_jobs(browser, tmp_p
                                                       for t, *_ in rows[:100]])
             master.telemetry.sample(master)
         browser.get(f"http://127.0.0.1:{server.address[1]}/")
-        look = wait_for(lambda: (lambda v: v if len(v["hosts"]) == 20 and v["jobs"] else None)(browser.execute_script(
+        page = wait_for(lambda: (lambda v: v if len(v["hosts"]) == 20 and v["jobs"] else None)(browser.execute_script(
             """return {hosts: [...document.querySelectorAll('#workers tr[data-host]')].map((tr) => tr.dataset.host),
                        jobs: document.querySelectorAll('#jobs tr[data-job]').length,
                        count: document.getElementById('jobs-count').textContent,
                        height: document.documentElement.scrollHeight};""")), 20, "the page to fill", interval=0.2)
-        assert sorted(look["hosts"]) == hosts
-        assert look["jobs"] == 50 + 10  # the oldest 40 and newest 10 open, and the 10 last finished
-        assert look["count"] == "950 open (showing the oldest and newest 50), 1000 kept"  # 50 jobs finished
-        assert look["height"] < 1600, look["height"]  # scrollable tables, not a page 1,000 rows long
-        shot = tmp_path / "dashboard-crowded.png"
-        assert browser.save_screenshot(str(shot))
-        artifacts = Path(os.environ.get("TASKFLEET_ARTIFACTS") or ROOT / ".cluster" / "artifacts")
-        artifacts.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, artifacts / "dashboard-crowded.png")
+        assert sorted(page["hosts"]) == hosts
+        assert page["jobs"] == 50 + 10  # the oldest 40 and newest 10 open, and the 10 last finished
+        assert page["count"] == "950 open (showing the oldest and newest 50), 1000 kept"  # 50 jobs finished
+        assert page["height"] < 1600, page["height"]  # scrollable tables, not a page 1,000 rows long
+        keep_screenshot(browser, tmp_path, "dashboard-crowded.png")
     finally:
         server.stop()
         store.close()

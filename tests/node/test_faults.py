@@ -194,7 +194,8 @@ def test_a_peer_speaking_another_protocol_is_refused_plainly(agents):
     agents.start_master()
     caller = wire.Caller(("127.0.0.1", agents.port), agents.key.read_bytes())
     try:
-        with pytest.raises(Incompatible, match=f"protocol {PROTOCOL}, the worker 1"):
+        served = f"serves worker protocol {PROTOCOL - 1} to {PROTOCOL}"
+        with pytest.raises(Incompatible, match=f"{served}, the worker speaks 1: upgrade the worker"):
             caller.call("hello", "w", "h", 1, 1, [], None, 1)
         assert caller.call("status")["workers"] == []
     finally:

@@ -419,3 +419,22 @@ def test_dashboard_requests_are_bounded_and_quiet(agents):
     assert wait_for(lambda: get(f"http://{address}/metrics")[0] == 200, 15, "the metrics port to answer")
     assert "GET /metrics" not in master.text()
 
+
+
+def test_the_metrics_port_is_bound_again_at_once_after_a_restart(master):
+    """Connections the server closed leave its port in TIME_WAIT for a minute: a master
+    restarted at once (a deploy, a crash) must still bind its metrics port again."""
+    from node.metrics import MetricsServer
+
+    first = MetricsServer(master, ("127.0.0.1", 0))
+    first.start()
+    try:
+        with socket.create_connection(first.address, timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            while sock.recv(65536):  # read to the end: the server closed first, so its side waits in TIME_WAIT
+                pass
+    finally:
+        first.stop()
+    second = MetricsServer(master, first.address)  # "Address already in use" without SO_REUSEADDR
+    second.start()
+    second.stop()

@@ -465,7 +465,9 @@ def test_master_gets_its_settings_as_keywords(engine, tmp_path):
                      "--durability", "fast", "--retention", "1d", "--max-jobs", "99", "--tasks-module", "m"]) == 0
     ((name, args, kwargs),) = engine
     assert name == "run_master"
-    assert args == (("127.0.0.1", 7000), b"s3cret-agents-key", str(tmp_path / "state"), ["m"])
+    listen, keyring, state, modules = args
+    assert (listen, state, modules) == (("127.0.0.1", 7000), str(tmp_path / "state"), ["m"])
+    assert keyring.path == str(key) and keyring.keys() == [b"s3cret-agents-key"]  # the file, read again on change
     assert kwargs == {"worker_ttl": 30.0, "max_payload": 2000000, "durability": "fast", "retention": 86400.0,
                       "max_jobs": 99, "metrics_listen": ("127.0.0.1", 9464), "tls": None, "plain_listen": None}
     assert (tmp_path / "state").is_dir()
