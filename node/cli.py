@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "forget", "forget the workers of removed hosts",
                     "Make the master forget the workers of each HOST (a host removed from the fleet): status no "
                     "longer lists them. Refused while one of them is connected: stop it first.",
-                    MASTER, AUTHKEY_FILE)
+                    MASTER, AUTHKEY_FILE, TLS_DIR)
     p.add_argument("hosts", nargs="+", metavar="HOST", help="a worker host's name, as status shows it")
     return parser
 

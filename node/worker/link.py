@@ -94,6 +94,9 @@ class Link:
         w = self.worker
         try:
             self._introduce()
+        except Incompatible as exc:  # before PermissionError, its base: an upgrade under way passes
+            self._retry_later(f"the master at {self.where} refused this worker: {exc}")
+            return False
         except (AuthenticationError, PermissionError) as exc:  # a wrong key, a certificate refused
             if not self.ever_connected:
                 w.fail(str(exc), code=2)  # at first start: a configuration error
@@ -103,9 +106,6 @@ class Link:
             return False
         except ConfigError as exc:  # the key file went missing or bad mid-rotation
             self._retry_later(str(exc))
-            return False
-        except Incompatible as exc:
-            self._retry_later(f"the master at {self.where} refused this worker: {exc}")
             return False
         except (MasterUnavailable, StorageError, RemoteError) as exc:
             self._retry_later(describe_error(exc))
