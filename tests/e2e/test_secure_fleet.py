@@ -126,8 +126,10 @@ def test_the_firewall_admits_only_the_fleet_and_the_controller(fleet, bridge, ma
         assert not _connects(master, outsider), f"{outsider} is outside the fleet, yet reached the master's port"
         counters = master_host.check_output("nft list chain inet taskfleet input")
         assert "drop" in counters and "packets 0 " not in counters.split("counter")[-1]
-        for worker in (h for h in fleet.hosts if "workers" in h.groups):
-            assert f"{worker.address}" in master_host.check_output("nft list set inet taskfleet allowed4")
+        def allowed(address: str) -> bool:
+            return master_host.run(f"nft get element inet taskfleet allowed4 {{ {address} }}").rc == 0
+
+        assert all(allowed(h.address) for h in fleet.hosts) and not allowed(outsider)
     finally:
         subprocess.run(["ip", "addr", "del", f"{outsider}/24", "dev", bridge], check=False)
 
