@@ -18,6 +18,7 @@ import tarfile
 from pathlib import Path
 
 from ops import localcluster as lc
+from ops.cluster import SSH_OPTS
 from ops.paths import CLUSTER_DIR, ROOT
 
 # What tests/node imports beyond the standard library (at requirements.txt's pins).
@@ -29,10 +30,6 @@ BACKPORTS = ("exceptiongroup", "tomli", "typing-extensions")
 SHIPPED = ("node", "tests/node", "tests/waiting.py", "ops/__init__.py", "ops/paths.py", "ops/artifact.py",
            "pyproject.toml")  # fmt: skip
 REMOTE_DIR = "/var/tmp/taskfleet-node-tests"
-SSH_OPTS = (
-    "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-    "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=5",
-)  # fmt: skip
 
 
 def wheels(python_version: str) -> list[Path]:
@@ -91,6 +88,6 @@ export PYTHONPATH={REMOTE_DIR}/site PYTHONDONTWRITEBYTECODE=1
 python3 -c 'import sys; print("python", sys.version.split()[0])'
 exec python3 -m pytest -p no:cacheprovider -q -rfEs --tb=short {" ".join(pytest_args)} tests/node"""
     key = lc.private_key(node)
-    cmd = ["ssh", *SSH_OPTS, "-i", str(key), f"vagrant@{node.address}", "sudo", "-n", "bash", "-c", shlex.quote(script)]
+    cmd = ["ssh", *SSH_OPTS, "-o", "ServerAliveInterval=5", "-i", str(key), f"vagrant@{node.address}", "sudo", "-n", "bash", "-c", shlex.quote(script)]
     return subprocess.run(cmd, input=_bundle(python_version), capture_output=True, timeout=timeout)
 
