@@ -167,7 +167,9 @@ def _run_all(
     for label, argv in jobs.items():
         logs[label].parent.mkdir(parents=True, exist_ok=True)
         with logs[label].open("wb") as log:
-            procs[label] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
+            procs[label] = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env
+            )
     next_tick = t0 + every
     while any(p.poll() is None for p in procs.values()):
         time.sleep(min(0.5, every))
@@ -208,7 +210,8 @@ def _ensure_boxes(s: lc.Settings) -> None:
             )
     stale = []
     for x in suites:
-        added = lc.VAGRANT_HOME / "boxes" / lc.box_name(x).replace("/", "-VAGRANTSLASH-") / "0" / "lxc" / "metadata.json"
+        box_dir = lc.VAGRANT_HOME / "boxes" / lc.box_name(x).replace("/", "-VAGRANTSLASH-")
+        added = box_dir / "0" / "lxc" / "metadata.json"
         if not added.exists() or added.stat().st_mtime < lc.box_file(x).stat().st_mtime:
             stale.append(x)
     if stale:

@@ -88,6 +88,7 @@ export PYTHONPATH={REMOTE_DIR}/site PYTHONDONTWRITEBYTECODE=1
 python3 -c 'import sys; print("python", sys.version.split()[0])'
 exec python3 -m pytest -p no:cacheprovider -q -rfEs --tb=short {" ".join(pytest_args)} tests/node"""
     key = lc.private_key(node)
-    cmd = ["ssh", *SSH_OPTS, "-o", "ServerAliveInterval=5", "-i", str(key), f"vagrant@{node.address}", "sudo", "-n", "bash", "-c", shlex.quote(script)]
+    cmd = ["ssh", *SSH_OPTS, "-o", "ServerAliveInterval=5", "-i", str(key), f"vagrant@{node.address}",
+           "sudo", "-n", "bash", "-c", shlex.quote(script)]  # fmt: skip
     return subprocess.run(cmd, input=_bundle(python_version), capture_output=True, timeout=timeout)
 
