@@ -139,6 +139,22 @@ def _remove_bridge(s: lc.Settings) -> None:
     _run("ip", "link", "del", s.bridge)
 
 
+# --- inotify ------------------------------------------------------------------------------
+
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+# Each node's systemd and services hold inotify instances, all counted against root on this
+# machine (privileged containers): the kernel's default of 128 runs out near 10 nodes (with the
+# controller's own), and then services in the nodes, sshd among them, fail to start.
+MIN_INOTIFY_INSTANCES = 8192
+
+
+def _ensure_inotify() -> None:
+    current = int(INOTIFY_INSTANCES.read_text())
+    if current < MIN_INOTIFY_INSTANCES:
+        _say(f"raising fs.inotify.max_user_instances from {current} to {MIN_INOTIFY_INSTANCES} (LXC nodes' systemd)")
+        INOTIFY_INSTANCES.write_text(f"{MIN_INOTIFY_INSTANCES}\n")
+
+
 # --- box ----------------------------------------------------------------------------------
 
 
@@ -299,6 +315,7 @@ def up(c, timeout=90):
     _ensure_packages()
     _check_against_record(s)
     _ensure_bridge(s)
+    _ensure_inotify()
     nodes = lc.nodes(s)
     lc.record(s)  # before `vagrant up`, so that `cluster.down` can clean up a half-made cluster
     if all(_lxc_state(n.container) == "RUNNING" for n in nodes) and all(_ssh_ok(n) for n in nodes):

@@ -135,6 +135,18 @@ def test_vagrantfile_cycles_and_validates_node_os():
     assert out.returncode != 0 and 'unknown suite "jessie"' in out.stderr
 
 
+def test_up_raises_the_inotify_instance_limit_never_lowers_it(tmp_path, monkeypatch, capsys):
+    limit = tmp_path / "max_user_instances"
+    monkeypatch.setattr(cluster, "INOTIFY_INSTANCES", limit)
+    limit.write_text("128\n")
+    cluster._ensure_inotify()
+    assert int(limit.read_text()) == cluster.MIN_INOTIFY_INSTANCES
+    assert "from 128 to" in capsys.readouterr().out
+    limit.write_text("1048576\n")
+    cluster._ensure_inotify()
+    assert limit.read_text() == "1048576\n"
+
+
 def test_long_steps_print_elapsed_time_and_stage(tmp_path, capsys):
     """cluster.up's box steps are not silent: a line with the elapsed seconds and each running
     job's latest output line (debootstrap's stage) while they run; a failure shows its log."""
