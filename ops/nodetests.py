@@ -4,7 +4,9 @@ The nodes run the agents in production form: Debian's /usr/bin/python3 (3.9 on b
 on trixie). They have no route out, so pytest and the few test dependencies go with the code:
 pure-Python wheels that `pip download` fetches on the controller for that Python version
 (cached under .cluster/wheels/), unpacked on the node into a directory on PYTHONPATH. Tests
-that need what a node lacks (a browser, ruff, a second interpreter) skip, saying why.
+that need what a node lacks (a browser, ruff, a second interpreter) skip, saying why; a test
+module that needs another package must import it inside the test (or pytest.importorskip it),
+or add it to TEST_REQUIREMENTS if it is pure Python.
 """
 
 from __future__ import annotations
