@@ -1,8 +1,8 @@
 """`invoke cluster.*`: the local test cluster (Vagrant + LXC on this Linux machine).
 
-`cluster.up` installs what is missing (Debian packages), makes the host-only bridge, builds the
-box once (ops/lxc-box.sh, cached under .cluster/), runs `vagrant up` and waits for SSH on every
-node. `cluster.down` destroys the nodes and the bridge and leaves nothing running. Layout and
+`cluster.up` installs what is missing (Debian packages), makes the host-only bridge, builds one
+box per Debian suite once (ops/lxc-box.sh, in parallel, cached under .cluster/boxes/), runs
+`vagrant up` and waits for SSH on every node. `cluster.down` destroys the nodes and the bridge and leaves nothing running. Layout and
 settings: ops/localcluster.py; inventory: inventory/local/.
 """
 
