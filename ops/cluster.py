@@ -2,8 +2,8 @@
 
 `cluster.up` installs what is missing (Debian packages), makes the host-only bridge, builds one
 box per Debian suite once (ops/lxc-box.sh, in parallel, cached under .cluster/boxes/), runs
-`vagrant up` and waits for SSH on every node. `cluster.down` destroys the nodes and the bridge and leaves nothing running. Layout and
-settings: ops/localcluster.py; inventory: inventory/local/.
+`vagrant up` and waits for SSH on every node. `cluster.down` destroys the nodes and the bridge
+and leaves nothing running. Layout and settings: ops/localcluster.py; inventory: inventory/local/.
 """
 
 from __future__ import annotations
