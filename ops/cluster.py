@@ -1,9 +1,9 @@
 """`invoke cluster.*`: the local test cluster (Vagrant + LXC on this Linux machine).
 
-`cluster.up` installs what is missing (Debian packages), makes the host-only bridge, builds the
-box once (ops/lxc-box.sh, cached under .cluster/), runs `vagrant up` and waits for SSH on every
-node. `cluster.down` destroys the nodes and the bridge and leaves nothing running. Layout and
-settings: ops/localcluster.py; inventory: inventory/local/.
+`cluster.up` installs what is missing (Debian packages), makes the host-only bridge, builds one
+box per Debian suite once (ops/lxc-box.sh, in parallel, cached under .cluster/boxes/), runs
+`vagrant up` and waits for SSH on every node. `cluster.down` destroys the nodes and the bridge
+and leaves nothing running. Layout and settings: ops/localcluster.py; inventory: inventory/local/.
 """
 
 from __future__ import annotations
@@ -139,6 +139,22 @@ def _remove_bridge(s: lc.Settings) -> None:
     _run("ip", "link", "del", s.bridge)
 
 
+# --- inotify ------------------------------------------------------------------------------
+
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+# Each node's systemd and services hold inotify instances, all counted against root on this
+# machine (privileged containers): the kernel's default of 128 runs out near 10 nodes (with the
+# controller's own), and then services in the nodes, sshd among them, fail to start.
+MIN_INOTIFY_INSTANCES = 8192
+
+
+def _ensure_inotify() -> None:
+    current = int(INOTIFY_INSTANCES.read_text())
+    if current < MIN_INOTIFY_INSTANCES:
+        _say(f"raising fs.inotify.max_user_instances from {current} to {MIN_INOTIFY_INSTANCES} (LXC nodes' systemd)")
+        INOTIFY_INSTANCES.write_text(f"{MIN_INOTIFY_INSTANCES}\n")
+
+
 # --- box ----------------------------------------------------------------------------------
 
 
@@ -146,25 +162,82 @@ def _script_digest() -> str:
     return hashlib.sha256(BOX_SCRIPT.read_bytes()).hexdigest()
 
 
-def _ensure_box(s: lc.Settings) -> None:
-    made_by = lc.BOX_FILE.with_name(lc.BOX_FILE.name + ".script-sha256")
-    if not lc.BOX_FILE.exists():
-        _say(f"building the LXC box {lc.BOX_FILE.relative_to(ROOT)} (debootstrap; a minute or two, once)")
-        t0 = time.monotonic()
-        _run("bash", str(BOX_SCRIPT), str(lc.BOX_FILE))
-        made_by.write_text(_script_digest() + "\n")
-        _say(f"box built in {time.monotonic() - t0:.0f} s")
-    elif not made_by.exists() or made_by.read_text().strip() != _script_digest():
-        print(
-            f"cluster: note: {lc.BOX_FILE.relative_to(ROOT)} was built by an older ops/lxc-box.sh; "
-            "to rebuild it: `invoke cluster.down --purge` then `invoke cluster.up`",
-            file=sys.stderr,
+def _last_line(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:70] if lines else ""
+
+
+def _run_all(
+    what: str, jobs: dict[str, list[str]], logs: dict[str, Path], env: dict | None = None, every: float = 10.0
+) -> float:
+    """Run the commands of `jobs` (label -> argv) at once, each writing to its log; every `every`
+    seconds print the elapsed time and each running job's latest log line (debootstrap's stage).
+    Raise Exit naming the failed ones with their logs' tails; return the seconds taken."""
+    t0 = time.monotonic()
+    procs = {}
+    for label, argv in jobs.items():
+        logs[label].parent.mkdir(parents=True, exist_ok=True)
+        with logs[label].open("wb") as log:
+            procs[label] = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env
+            )
+    next_tick = t0 + every
+    while any(p.poll() is None for p in procs.values()):
+        time.sleep(min(0.5, every))
+        if time.monotonic() >= next_tick:
+            next_tick += every
+            running = [f"{label}: {_last_line(logs[label])}" for label, p in procs.items() if p.poll() is None]
+            print(f"    {what}: {time.monotonic() - t0:.0f} s; " + "; ".join(running), flush=True)
+    failed = [label for label, p in procs.items() if p.returncode != 0]
+    if failed:
+        for label in failed:
+            tail = logs[label].read_text(errors="replace").strip().splitlines()[-15:]
+            print(f"--- {label} (last lines of {logs[label]}):\n" + "\n".join(tail), file=sys.stderr)
+        raise Exit(f"cluster: {what} failed for {', '.join(failed)} (logs above)", code=1)
+    return time.monotonic() - t0
+
+
+def _ensure_boxes(s: lc.Settings) -> None:
+    """Build the missing box of each suite in use (all at once: debootstrap mostly waits on the
+    mirror) and add the boxes Vagrant lacks or has older copies of."""
+    suites = sorted(set(s.suites), key=list(lc.SUITES).index)
+    made_by = {x: lc.box_file(x).with_name(lc.box_file(x).name + ".script-sha256") for x in suites}
+    logs = {x: lc.box_file(x).with_name(lc.box_file(x).name + ".log") for x in suites}
+    missing = [x for x in suites if not lc.box_file(x).exists()]
+    if missing:
+        _say(f"building LXC boxes for {', '.join(missing)} (debootstrap; a minute or two, once)")
+        took = _run_all(
+            "building boxes", {x: ["bash", str(BOX_SCRIPT), x, str(lc.box_file(x))] for x in missing}, logs
         )
-    box_dir = lc.VAGRANT_HOME / "boxes" / lc.BOX_NAME.replace("/", "-VAGRANTSLASH-")
-    added = box_dir / "0" / "lxc" / "metadata.json"
-    if not added.exists() or added.stat().st_mtime < lc.BOX_FILE.stat().st_mtime:
-        _say(f"adding box {lc.BOX_NAME} to Vagrant")
-        _vagrant(s, "box", "add", "--force", "--name", lc.BOX_NAME, str(lc.BOX_FILE), quiet=True)
+        for x in missing:
+            made_by[x].write_text(_script_digest() + "\n")
+        _say(f"boxes built in {took:.0f} s")
+    for x in suites:
+        if not made_by[x].exists() or made_by[x].read_text().strip() != _script_digest():
+            print(
+                f"cluster: note: {lc.box_file(x).relative_to(ROOT)} was built by an older ops/lxc-box.sh; "
+                "to rebuild it: `invoke cluster.down --purge` then `invoke cluster.up`",
+                file=sys.stderr,
+            )
+    stale = []
+    for x in suites:
+        box_dir = lc.VAGRANT_HOME / "boxes" / lc.box_name(x).replace("/", "-VAGRANTSLASH-")
+        added = box_dir / "0" / "lxc" / "metadata.json"
+        if not added.exists() or added.stat().st_mtime < lc.box_file(x).stat().st_mtime:
+            stale.append(x)
+    if stale:
+        _say(f"adding boxes {', '.join(lc.box_name(x) for x in stale)} to Vagrant")
+        _run_all(
+            "adding boxes",
+            {x: ["vagrant", "box", "add", "--force", "--name", lc.box_name(x), str(lc.box_file(x))] for x in stale},
+            {x: lc.box_file(x).with_name(lc.box_file(x).name + ".add.log") for x in stale},
+            env=_vagrant_env(s),
+        )
 
 
 # --- nodes --------------------------------------------------------------------------------
@@ -239,7 +312,8 @@ def up(c, timeout=90):
     """Bring the local cluster up (master + TASKFLEET_WORKERS workers, default 2); idempotent.
 
     Needs root on Linux. Installs missing Debian packages, makes the host-only bridge
-    (TASKFLEET_BRIDGE, controller at .1), builds the LXC box once, `vagrant up`, waits for SSH.
+    (TASKFLEET_BRIDGE, controller at .1), builds the LXC box of each suite in TASKFLEET_NODE_OS
+    once, `vagrant up`, waits for SSH.
     """
     _preflight()
     s = _settings()
@@ -247,12 +321,13 @@ def up(c, timeout=90):
     _ensure_packages()
     _check_against_record(s)
     _ensure_bridge(s)
+    _ensure_inotify()
     nodes = lc.nodes(s)
     lc.record(s)  # before `vagrant up`, so that `cluster.down` can clean up a half-made cluster
     if all(_lxc_state(n.container) == "RUNNING" for n in nodes) and all(_ssh_ok(n) for n in nodes):
         _say(f"cluster already up ({len(nodes)} nodes)")
     else:
-        _ensure_box(s)
+        _ensure_boxes(s)
         _say(f"vagrant up: master + {s.workers} workers")
         proc = _vagrant(s, "up", "--provider=lxc", check=False)
         if proc.returncode != 0:

@@ -11,6 +11,10 @@ environment variables with the same defaults (keep the two in step):
 | TASKFLEET_LXC_PREFIX | taskfleet- | LXC container name = prefix + machine name |
 | TASKFLEET_VETH_PREFIX | tfv- | host side of each node's veth = prefix + machine name |
 | TASKFLEET_NODE_MEMORY_MB | 512 | memory limit of each LXC node |
+| TASKFLEET_NODE_OS | bookworm,bullseye,trixie | Debian suites, cycled over master, worker1, worker2, ... |
+
+The default cluster mixes Debian 12 (Python 3.11), 11 (3.9) and 13 (3.13): one LXC box per suite,
+built locally by ops/lxc-box.sh.
 
 Node and bridge names are global on the machine, hence configurable. `cluster.up` records the
 settings it used in `.cluster/cluster.json`, so `cluster.down` removes exactly what was made
@@ -28,8 +32,9 @@ from pathlib import Path
 from ops.paths import CLUSTER_DIR, ROOT
 
 STATE_FILE = CLUSTER_DIR / "cluster.json"
-BOX_NAME = "taskfleet/debian12-lxc"
-BOX_FILE = CLUSTER_DIR / "boxes" / "taskfleet-debian12-lxc.box"
+# Debian suites a node can run, with their release number and Python (what the nodes get).
+SUITES = {"bullseye": ("11", "3.9"), "bookworm": ("12", "3.11"), "trixie": ("13", "3.13")}
+DEFAULT_NODE_OS = "bookworm,bullseye,trixie"
 VAGRANT_HOME = CLUSTER_DIR / "vagrant.d"
 VAGRANT_DOTFILE_DIR = ROOT / ".vagrant"
 MAX_WORKERS = 200
@@ -48,6 +53,12 @@ class Settings:
     lxc_prefix: str = "taskfleet-"
     veth_prefix: str = "tfv-"
     memory_mb: int = 512
+    node_os: str = DEFAULT_NODE_OS  # comma-separated suites, cycled over the nodes
+
+    @property
+    def suites(self) -> list[str]:
+        """The suites in TASKFLEET_NODE_OS order, as given (a suite may repeat)."""
+        return self.node_os.split(",")
 
     @property
     def controller_address(self) -> str:
@@ -62,6 +73,7 @@ class Settings:
             "TASKFLEET_LXC_PREFIX": self.lxc_prefix,
             "TASKFLEET_VETH_PREFIX": self.veth_prefix,
             "TASKFLEET_NODE_MEMORY_MB": str(self.memory_mb),
+            "TASKFLEET_NODE_OS": self.node_os,
         }
 
 
@@ -73,6 +85,17 @@ class Node:
     address: str  # on the host-only network
     container: str  # LXC container name
     veth: str  # host side of the node's veth pair
+    suite: str  # Debian suite of its box: bullseye, bookworm, trixie
+
+
+def box_name(suite: str) -> str:
+    """Vagrant's name of the suite's box, e.g. taskfleet/debian11-lxc."""
+    return f"taskfleet/debian{SUITES[suite][0]}-lxc"
+
+
+def box_file(suite: str) -> Path:
+    """Where `cluster.up` keeps the suite's built box."""
+    return CLUSTER_DIR / "boxes" / f"taskfleet-debian{SUITES[suite][0]}-lxc.box"
 
 
 def recorded() -> Settings | None:
@@ -119,7 +142,14 @@ def settings(env=None, use_record: bool = True) -> Settings:
         lxc_prefix=env.get("TASKFLEET_LXC_PREFIX") or base.lxc_prefix,
         veth_prefix=env.get("TASKFLEET_VETH_PREFIX") or base.veth_prefix,
         memory_mb=_int(env, "TASKFLEET_NODE_MEMORY_MB", base.memory_mb, 64, 65536),
+        node_os=(env.get("TASKFLEET_NODE_OS") or base.node_os).replace(" ", ""),
     )
+    unknown = [x for x in s.suites if x not in SUITES]
+    if unknown:
+        raise SettingsError(
+            f"TASKFLEET_NODE_OS={s.node_os!r}: unknown suite {unknown[0]!r} (want a comma-separated list of "
+            f"{', '.join(SUITES)})"
+        )
     if not re.fullmatch(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})", s.subnet) or any(
         int(p) > 255 for p in s.subnet.split(".")
     ):
@@ -147,6 +177,7 @@ def nodes(s: Settings) -> list[Node]:
             address=f"{s.subnet}.{10 + i}",
             container=f"{s.lxc_prefix}{name}",
             veth=f"{s.veth_prefix}{name}",
+            suite=s.suites[i % len(s.suites)],
         )
         for i, (name, group) in enumerate(names)
     ]

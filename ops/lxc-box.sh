@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # Build the local cluster's Vagrant box for the LXC provider (vagrant-lxc 1.4 format) from
-# debootstrap: Debian 12 minbase + systemd, systemd-networkd, sshd, python3, sudo, nftables
-# (a standard Debian install has it; the master's firewall needs it and the hosts have no mirror).
+# debootstrap: Debian minbase + systemd, systemd-networkd, sshd, python3, sudo, nftables (a
+# standard Debian install has it; the master's firewall needs it, the hosts have no mirror),
+# for one suite.
 #
-#   ops/lxc-box.sh OUTPUT.box
+#   ops/lxc-box.sh SUITE OUTPUT.box      SUITE: bullseye (Debian 11), bookworm (12) or trixie (13)
 #
 # Run as root on Debian (needs debootstrap). Mirror: TASKFLEET_DEBIAN_MIRROR (default
 # http://deb.debian.org/debian). Writes OUTPUT.box atomically; `invoke cluster.up` calls it
 # only when the box is missing, so delete the .box file to force a rebuild.
 set -euo pipefail
 
-out=${1:?usage: $0 OUTPUT.box}
+suite=${1:?usage: $0 SUITE OUTPUT.box}
+out=${2:?usage: $0 SUITE OUTPUT.box}
 mirror=${TASKFLEET_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-suite=bookworm
 vagrant_pub=${VAGRANT_INSECURE_PUB:-$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub 2>/dev/null | head -n1)}
 packages=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,iproute2,iputils-ping,procps,nftables
 
 die() { echo "lxc-box: $*" >&2; exit 1; }
+case $suite in
+  bullseye | bookworm | trixie) ;;
+  *) die "unknown suite '$suite' (want bullseye, bookworm or trixie)" ;;
+esac
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot need it)"
 command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
 [ -r "$vagrant_pub" ] || die "Vagrant's insecure public key not found (install the Debian package 'vagrant' or set VAGRANT_INSECURE_PUB)"
@@ -35,8 +40,10 @@ trap cleanup EXIT
 root=$work/rootfs
 
 echo "==> debootstrap $suite ($mirror) into $root" >&2
-debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 \
-  || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed (see above)"; }
+# debootstrap's own stage lines (I: Retrieving/Unpacking/Configuring ...) go to stderr: they are
+# the progress `cluster.up` shows.
+debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$mirror" >&2 \
+  || die "debootstrap failed (see above)"
 
 echo "==> configuring the image" >&2
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
@@ -106,8 +113,8 @@ ln -s /etc/machine-id "$root/var/lib/dbus/machine-id"
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/var/log/*.log
 
 echo "==> packing $out" >&2
-cat >"$work/metadata.json" <<'EOF'
-{"provider": "lxc", "version": "1.0.0", "built-on": "debootstrap bookworm minbase"}
+cat >"$work/metadata.json" <<EOF
+{"provider": "lxc", "version": "1.0.0", "built-on": "debootstrap $suite minbase"}
 EOF
 # common.conf comes with the lxc package (debian.common.conf would need lxc-templates too);
 # an empty tty.dir is what Debian's own config sets for systemd guests.

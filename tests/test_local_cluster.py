@@ -2,10 +2,12 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+from invoke.exceptions import Exit
 
 from ops import cluster, localcluster
 from ops.paths import ROOT
@@ -23,13 +25,26 @@ def test_defaults_and_layout(no_record):
     s = localcluster.settings(env={})
     assert s == localcluster.Settings()
     nodes = localcluster.nodes(s)
-    assert [(n.name, n.hostname, n.group, n.address) for n in nodes] == [
-        ("master", "tf-master", "master", "192.168.56.10"),
-        ("worker1", "tf-worker1", "workers", "192.168.56.11"),
-        ("worker2", "tf-worker2", "workers", "192.168.56.12"),
+    assert [(n.name, n.hostname, n.group, n.address, n.suite) for n in nodes] == [
+        ("master", "tf-master", "master", "192.168.56.10", "bookworm"),
+        ("worker1", "tf-worker1", "workers", "192.168.56.11", "bullseye"),
+        ("worker2", "tf-worker2", "workers", "192.168.56.12", "trixie"),
     ]
     assert nodes[1].container == "taskfleet-worker1" and nodes[1].veth == "tfv-worker1"
     assert s.controller_address == "192.168.56.1"
+
+
+def test_node_os_is_cycled_over_the_nodes_and_recorded(no_record):
+    s = localcluster.settings(env={"TASKFLEET_WORKERS": "4", "TASKFLEET_NODE_OS": "trixie, bullseye"})
+    assert [n.suite for n in localcluster.nodes(s)] == ["trixie", "bullseye", "trixie", "bullseye", "trixie"]
+    assert s.env()["TASKFLEET_NODE_OS"] == "trixie,bullseye"
+    localcluster.record(s)
+    assert localcluster.settings(env={}).node_os == "trixie,bullseye"
+    assert json.loads(no_record.read_text())["settings"]["node_os"] == "trixie,bullseye"
+    one = localcluster.settings(env={"TASKFLEET_NODE_OS": "bookworm"}, use_record=False)
+    assert {n.suite for n in localcluster.nodes(one)} == {"bookworm"}
+    assert localcluster.box_name("bullseye") == "taskfleet/debian11-lxc"
+    assert localcluster.box_file("trixie").name == "taskfleet-debian13-lxc.box"
 
 
 def test_env_overrides_record_which_overrides_defaults(no_record):
@@ -50,6 +65,8 @@ def test_env_overrides_record_which_overrides_defaults(no_record):
         ({"TASKFLEET_SUBNET": "192.168.300"}, "three octets"),
         ({"TASKFLEET_BRIDGE": "a-bridge-name-too-long"}, "interface name"),
         ({"TASKFLEET_VETH_PREFIX": "very-long-"}, "over 15"),
+        ({"TASKFLEET_NODE_OS": "bookworm,buster"}, "unknown suite 'buster'"),
+        ({"TASKFLEET_NODE_OS": "bookworm,,trixie"}, "unknown suite ''"),
     ],
 )
 def test_bad_settings_say_which_and_why(no_record, env, word):
@@ -92,7 +109,58 @@ def test_vagrantfile_defaults_match_localcluster():
         ("TASKFLEET_VETH_PREFIX", d.veth_prefix),
     ]:
         assert re.search(rf'"{var}".*"{re.escape(value)}"', text), var
-    assert localcluster.BOX_NAME in text and localcluster.BOX_FILE.name in text
+    assert f'"TASKFLEET_NODE_OS", "").then {{ |v| v.empty? ? "{d.node_os}"' in text
+    for suite, (release, _python) in localcluster.SUITES.items():
+        assert f'"{suite}" => {release}' in text, suite
+    assert '"taskfleet/debian#{SUITES[suite]}-lxc"' in text
+    assert '"taskfleet-debian#{SUITES[suite]}-lxc.box"' in text
+
+
+@pytest.mark.skipif(not shutil.which("ruby"), reason="needs ruby to load the Vagrantfile")
+def test_vagrantfile_cycles_and_validates_node_os():
+    """The Vagrantfile (as Vagrant loads it, with a stand-in `Vagrant` module) makes the same
+    machines and boxes as localcluster.nodes, and refuses an unknown suite in one line."""
+    stub = (
+        "module Vagrant; def self.require_version(*); end; def self.configure(*); end; end; "
+        "load ARGV[0]; NODES.each { |n, ip, suite| puts [n, ip, suite, lxc_box(suite)].join(' ') }"
+    )
+    env = {"PATH": "/usr/bin:/bin", "TASKFLEET_WORKERS": "3", "TASKFLEET_NODE_OS": "trixie,bookworm"}
+    out = subprocess.run(["ruby", "-e", stub, str(ROOT / "Vagrantfile")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    s = localcluster.settings(env=env, use_record=False)
+    want = [f"{n.name} {n.address} {n.suite} {localcluster.box_name(n.suite)}" for n in localcluster.nodes(s)]
+    assert out.stdout.splitlines() == want
+    env["TASKFLEET_NODE_OS"] = "bookworm,jessie"
+    out = subprocess.run(["ruby", "-e", stub, str(ROOT / "Vagrantfile")], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and 'unknown suite "jessie"' in out.stderr
+
+
+def test_up_raises_the_inotify_instance_limit_never_lowers_it(tmp_path, monkeypatch, capsys):
+    limit = tmp_path / "max_user_instances"
+    monkeypatch.setattr(cluster, "INOTIFY_INSTANCES", limit)
+    limit.write_text("128\n")
+    cluster._ensure_inotify()
+    assert int(limit.read_text()) == cluster.MIN_INOTIFY_INSTANCES
+    assert "from 128 to" in capsys.readouterr().out
+    limit.write_text("1048576\n")
+    cluster._ensure_inotify()
+    assert limit.read_text() == "1048576\n"
+
+
+def test_long_steps_print_elapsed_time_and_stage(tmp_path, capsys):
+    """cluster.up's box steps are not silent: a line with the elapsed seconds and each running
+    job's latest output line (debootstrap's stage) while they run; a failure shows its log."""
+    step = "echo 'I: Retrieving libc6'; sleep 1.2; echo 'I: Configuring libc6'; sleep 1.2"
+    logs = {"bullseye": tmp_path / "a.log", "trixie": tmp_path / "b.log"}
+    cluster._run_all("building boxes", {k: ["sh", "-c", step] for k in logs}, logs, every=0.4)
+    out = capsys.readouterr().out
+    assert re.search(r"building boxes: \d+ s; bullseye: I: Retrieving libc6; trixie: I: Retrieving libc6", out)
+    assert re.search(r"building boxes: \d+ s; bullseye: I: Configuring libc6", out)
+    with pytest.raises(Exit, match="building boxes failed for trixie"):
+        cluster._run_all(
+            "building boxes", {"bullseye": ["true"], "trixie": ["sh", "-c", "echo 'E: no such suite'; exit 1"]}, logs
+        )
+    assert "E: no such suite" in capsys.readouterr().err
 
 
 def test_tasks_document_every_argument():

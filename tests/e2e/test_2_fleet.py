@@ -75,7 +75,8 @@ def _kill_host(node) -> None:
 
 def test_a_worker_host_killed_mid_job_loses_nothing(client, cluster, operator):
     victim = next(n for n in cluster if n.group == "workers")
-    total = 300
+    # Long enough to still run well after the kill, on 2 workers as on 19 (`invoke test --scale 20`).
+    total = max(300, 150 * sum(n.group == "workers" for n in cluster))
     job = client.submit("sleep", [(0.1,)] * total)
     seen, killed_at = [], []
 
