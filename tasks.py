@@ -5,7 +5,7 @@ Each namespace lives in a small module under ops/; this file only assembles them
 
 from invoke import Collection
 
-from ops import bench_tasks, build_tasks, chaos_tasks, cluster, dashboard_tasks
+from ops import bench_tasks, build_tasks, certs, chaos_tasks, cluster, dashboard_tasks
 from ops import deploy as deploy_tasks
 from ops import fleet, key, lint_tasks, release_tasks, reset, test_tasks, worker
 
@@ -20,6 +20,7 @@ ns.add_task(release_tasks.upgrade)
 ns.add_task(release_tasks.rollback)
 ns.add_task(test_tasks.test)
 ns.add_task(reset.reset)
+ns.add_collection(certs.ns)
 ns.add_collection(cluster.ns)
 ns.add_collection(key.ns)
 ns.add_collection(worker.ns)

@@ -10,6 +10,8 @@ workers, for three systems:
   directory, the default --durability full: every commit fsynced) and N worker agents
   (`python -m node worker --concurrency 1`), driven by node.client.Client;
 - taskfleet-fast: the same with `master --durability fast` (no fsync per commit);
+- taskfleet-tls: taskfleet (durability full) with TLS 1.3 on every link, as a deployed
+  fleet runs (certificates from a CA made for the run by ops/pki.py);
 - tutorial: the classic multiprocessing.managers pattern, a BaseManager serving a task
   queue and a result queue, one `put` per task, N worker processes doing one `get` and
   one `put` per task;
@@ -67,7 +69,8 @@ WORKLOADS = {  # name -> (task name, args of task i)
     "tiny": ("square", lambda i: (i,)),
     "burn": ("burn", lambda i: (BURN_MS,)),
 }
-SYSTEMS = ("taskfleet", "taskfleet-fast", "tutorial", "pool")  # taskfleet: --durability full (the default)
+# taskfleet: --durability full (the default), plaintext; taskfleet-tls: the same over TLS
+SYSTEMS = ("taskfleet", "taskfleet-fast", "taskfleet-tls", "tutorial", "pool")
 READY_TIMEOUT = 30.0
 CTX = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
 
@@ -131,7 +134,7 @@ class Fleet:
     """A master and N workers as `python -m node` subprocesses, in a temporary directory."""
 
     def __init__(self, workers: int, python: str = sys.executable, log_level: str = "WARNING",
-                 durability: str = "full", concurrency: int = 1, metrics: str | None = None):
+                 durability: str = "full", concurrency: int = 1, metrics: str | None = None, tls: bool = False):
         self.n_workers = workers
         self.metrics = metrics  # --metrics-listen (None: the master's default, 127.0.0.1:9464)
         self.durability = durability
@@ -145,11 +148,29 @@ class Fleet:
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32))
         self.state = self.dir / "state"
+        self.tls = self._make_tls() if tls else None  # role -> TLS directory
         self.address = None
         self.master = None
         self.workers: list[subprocess.Popen] = []
         self.client: Client | None = None
         self.logs = []
+
+    def _make_tls(self) -> dict:
+        from ops.pki import CA  # controller side (cryptography): only when TLS is measured
+
+        ca = CA.create(self.dir / "ca")
+        dirs = {}
+        for name, role in (("master", "master"), ("bench", "worker"), ("client", "client")):
+            ca.issue(name, role, [name, "127.0.0.1"])
+            ca.bundle(name, self.dir / f"tls-{role}")
+            dirs[role] = self.dir / f"tls-{role}"
+        (dirs["master"] / "crl.pem").write_bytes((ca.dir / "crl.pem").read_bytes())
+        return dirs
+
+    def _tls_args(self, role: str) -> tuple:
+        if self.tls is None:
+            return ()
+        return ("--tls-dir", str(self.tls[role])) + (("--name", "bench") if role == "worker" else ())
 
     def _spawn(self, *args) -> subprocess.Popen:
         log = open(self.dir / f"{args[0]}-{len(self.logs)}.log", "wb")
@@ -168,7 +189,8 @@ class Fleet:
             self.address = f"127.0.0.1:{port}"
             metrics = () if self.metrics is None else ("--metrics-listen", self.metrics)
             self.master = self._spawn("master", "--listen", self.address, "--state-dir", str(self.state),
-                                      "--authkey-file", str(self.keyfile), "--durability", self.durability, *metrics)
+                                      "--authkey-file", str(self.keyfile), "--durability", self.durability, *metrics,
+                                      *self._tls_args("master"))
             deadline = time.monotonic() + READY_TIMEOUT
             while time.monotonic() < deadline and self.master.poll() is None:
                 try:
@@ -177,7 +199,8 @@ class Fleet:
                 except OSError:
                     time.sleep(0.05)
             if self.master.poll() is None:
-                self.client = Client.connect(self.address, str(self.keyfile), retry_for=30.0)
+                self.client = Client.connect(self.address, str(self.keyfile), retry_for=30.0,
+                                             tls=self.tls and self.tls["client"])
                 return
         raise RuntimeError(f"master did not start; see {self.dir}")
 
@@ -185,7 +208,8 @@ class Fleet:
         n = self.n_workers if n is None else n
         for _ in range(n):
             self.workers.append(self._spawn("worker", "--master", self.address, "--authkey-file",
-                                            str(self.keyfile), "--concurrency", str(self.concurrency)))
+                                            str(self.keyfile), "--concurrency", str(self.concurrency),
+                                            *self._tls_args("worker")))
         self.wait_workers(len(self.workers))
 
     def alive_workers(self) -> int:
@@ -223,10 +247,10 @@ class Fleet:
         self.close()
 
 
-def bench_taskfleet(workload: str, n_tasks: int, n_workers: int, durability: str = "full") -> dict:
+def bench_taskfleet(workload: str, n_tasks: int, n_workers: int, durability: str = "full", tls: bool = False) -> dict:
     task, make = WORKLOADS[workload]
     args = [make(i) for i in range(n_tasks)]
-    with Fleet(n_workers, durability=durability) as fleet:
+    with Fleet(n_workers, durability=durability, tls=tls) as fleet:
         fleet.start_master()
         fleet.start_workers()
         t0 = time.perf_counter()
@@ -358,6 +382,7 @@ def bench_pool(workload: str, n_tasks: int, n_workers: int) -> dict:
 
 
 BENCHES = {"taskfleet": bench_taskfleet, "taskfleet-fast": functools.partial(bench_taskfleet, durability="fast"),
+           "taskfleet-tls": functools.partial(bench_taskfleet, tls=True),
            "tutorial": bench_tutorial, "pool": bench_pool}
 
 
@@ -693,10 +718,13 @@ def ratios(rows: list[dict]) -> list[dict]:
             item["tiny_taskfleet_over_tutorial"] = rate["taskfleet", "tiny", n] / rate["tutorial", "tiny", n]
         if ("taskfleet", "burn", n) in rate and ("pool", "burn", n) in rate:
             item["burn_taskfleet_over_pool"] = rate["taskfleet", "burn", n] / rate["pool", "burn", n]
-        for workload in ("tiny", "burn"):  # the price of fsyncing every commit
+        for workload in ("tiny", "burn"):  # the price of fsyncing every commit, of TLS
             full, fast = rate.get(("taskfleet", workload, n)), rate.get(("taskfleet-fast", workload, n))
             if full and fast:
                 item[f"{workload}_full_over_fast"] = full / fast
+            tls = rate.get(("taskfleet-tls", workload, n))
+            if full and tls:
+                item[f"{workload}_tls_over_plaintext"] = tls / full
         out.append(item)
     return out
 
@@ -725,7 +753,9 @@ def print_table(rows: list[dict], ratio_rows: list[dict]) -> None:
     for key, label, target in (("tiny_taskfleet_over_tutorial", "tiny: taskfleet / tutorial", ">= 10"),
                                ("burn_taskfleet_over_pool", "10 ms: taskfleet / Pool", ">= 0.95"),
                                ("tiny_full_over_fast", "tiny: durability full / fast", ""),
-                               ("burn_full_over_fast", "10 ms: durability full / fast", "")):
+                               ("burn_full_over_fast", "10 ms: durability full / fast", ""),
+                               ("tiny_tls_over_plaintext", "tiny: TLS / plaintext", ""),
+                               ("burn_tls_over_plaintext", "10 ms: TLS / plaintext", "")):
         cells = "".join(f"{r[key]:>10.2f}" if key in r else f"{'-':>10}" for r in ratio_rows)
         print(f"{label:<35} {target:<7}{cells}")
 

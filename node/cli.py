@@ -39,6 +39,7 @@ from node.config import (
     setup_logging,
 )
 from node.errors import MasterUnavailable, RemoteError, StorageError
+from node.tls import TLS
 
 EXIT_FAILED_TASKS, EXIT_CONFIG, EXIT_UNREACHABLE = 1, 2, 3
 DURABILITIES = ("full", "fast")
@@ -96,11 +97,19 @@ CONCURRENCY = Setting("--concurrency", "TASKFLEET_CONCURRENCY", None, lambda t: 
 DRAIN_TIMEOUT = Setting("--drain-timeout", "TASKFLEET_DRAIN_TIMEOUT", "30s",
                         lambda t: parse_duration(t, allow_zero=True), "DURATION",
                         "on SIGTERM, how long running tasks may finish before they are handed back")
+TLS_DIR = Setting("--tls-dir", "TASKFLEET_TLS_DIR", None, str, "DIR",
+                  "speak TLS 1.3 with the certificates in DIR (ca.crt, node.crt, node.key; the master also crl.pem); "
+                  "without it: plaintext, authkey only")
+PLAIN_LISTEN = Setting("--plain-listen", "TASKFLEET_PLAIN_LISTEN", None, parse_address, "HOST:PORT",
+                       "with --tls-dir: also serve the tutorial's queues, and only them, in plaintext here "
+                       "(anyone on that path can read and inject their items)")
+NAME = Setting("--name", "TASKFLEET_NAME", None, str, "NAME",
+               "this worker's name in status and logs (default: the hostname); with --tls-dir, its certificate's name")
 TIMEOUT = Setting("--timeout", None, None, parse_duration, "DURATION", "how long one task may run (default 300s)")
 RETRIES = Setting("--retries", None, None, lambda t: parse_count(t, minimum=0), "N",
                   "attempts after the first for a failing task (default 2)")
 SETTINGS = (LOG_LEVEL, AUTHKEY_FILE, MASTER, LISTEN, STATE_DIR, WORKER_TTL, MAX_PAYLOAD, DURABILITY, RETENTION,
-            MAX_JOBS, METRICS_LISTEN, CONCURRENCY, DRAIN_TIMEOUT, TIMEOUT, RETRIES)
+            MAX_JOBS, METRICS_LISTEN, CONCURRENCY, DRAIN_TIMEOUT, TLS_DIR, PLAIN_LISTEN, NAME, TIMEOUT, RETRIES)
 
 VALUE_RULES = f"DURATION: {DURATION_RULES}. SIZE: {SIZE_RULES}."
 
@@ -144,32 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "master", "serve the task queue and the ledger",
                     "Run the master: accepts jobs, leases tasks to workers, stores results.",
                     LISTEN, STATE_DIR, AUTHKEY_FILE, WORKER_TTL, MAX_PAYLOAD, DURABILITY, RETENTION, MAX_JOBS,
-                    METRICS_LISTEN)
+                    METRICS_LISTEN, TLS_DIR, PLAIN_LISTEN)
     _add_modules(p)
 
     p = _subcommand(sub, "worker", "run tasks leased from the master",
                     "Run a worker: leases tasks and runs them in a process pool.",
-                    MASTER, AUTHKEY_FILE, CONCURRENCY, DRAIN_TIMEOUT)
+                    MASTER, AUTHKEY_FILE, CONCURRENCY, DRAIN_TIMEOUT, TLS_DIR, NAME)
     _add_modules(p)
 
     p = _subcommand(sub, "submit", "submit a job",
                     "Submit a job: one task per ARG (`submit square 1 2 3` is three tasks), or one per line of "
                     "--args-file. An ARG that parses as JSON is that value, otherwise the plain string.",
-                    MASTER, AUTHKEY_FILE, TIMEOUT, RETRIES)
+                    MASTER, AUTHKEY_FILE, TLS_DIR, TIMEOUT, RETRIES)
     p.add_argument("task", help="task name, e.g. square, sleep, burn, fail")
     p.add_argument("args", nargs="*", metavar="ARG", help="one task's single argument")
     p.add_argument("--args-file", metavar="FILE", help="one JSON array of arguments per line ('-' for stdin)")
     p.add_argument("--wait", action="store_true", help="wait for every result (else print the job id)")
     p.add_argument("--json", action="store_true", help="with --wait: one JSON object per task result")
 
-    p = _subcommand(sub, "status", "show the master's view of the fleet", None, MASTER, AUTHKEY_FILE)
+    p = _subcommand(sub, "status", "show the master's view of the fleet", None, MASTER, AUTHKEY_FILE, TLS_DIR)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", action="store_true",
                    help="show it again every --interval, with rates, until Ctrl-C (redrawn in place on a terminal)")
     p.add_argument("--interval", type=_interval, default=2.0, metavar="SECONDS",
                    help="with --watch: seconds between two looks (default 2)")
 
-    p = _subcommand(sub, "results", "show a job's results", None, MASTER, AUTHKEY_FILE)
+    p = _subcommand(sub, "results", "show a job's results", None, MASTER, AUTHKEY_FILE, TLS_DIR)
     p.add_argument("job", type=int, metavar="JOB_ID")
     p.add_argument("--json", action="store_true", help="one JSON object per task result")
     p.add_argument("--wait", action="store_true", help="wait until every task has a result")
@@ -178,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "forget", "forget the workers of removed hosts",
                     "Make the master forget the workers of each HOST (a host removed from the fleet): status no "
                     "longer lists them. Refused while one of them is connected: stop it first.",
-                    MASTER, AUTHKEY_FILE)
+                    MASTER, AUTHKEY_FILE, TLS_DIR)
     p.add_argument("hosts", nargs="+", metavar="HOST", help="a worker host's name, as status shows it")
     return parser
 
@@ -224,7 +233,7 @@ def _master_address(args) -> tuple[str, int]:
 def _client(args):
     from node.client import Client
 
-    return Client.connect(_master_address(args), args.authkey_file)
+    return Client.connect(_master_address(args), args.authkey_file, tls=args.tls_dir)
 
 
 def _parse_arg(text: str):
@@ -421,12 +430,17 @@ def _run_master(args) -> int:
 
     keyring = Keyring(args.authkey_file)  # read now: exit 2 if unusable; then again whenever it changes
     check_state_dir(args.state_dir)
+    if args.plain_listen and not args.tls_dir:
+        raise ConfigError("--plain-listen (env TASKFLEET_PLAIN_LISTEN) needs --tls-dir: without TLS, --listen is "
+                          "plaintext already")
+    tls = TLS(args.tls_dir, server=True) if args.tls_dir else None
     from node.master import run_master
 
     try:
         return run_master(args.listen, keyring, args.state_dir, _modules(args), worker_ttl=args.worker_ttl,
                           max_payload=args.max_payload, durability=args.durability, retention=args.retention,
-                          max_jobs=args.max_jobs, metrics_listen=args.metrics_listen)
+                          max_jobs=args.max_jobs, metrics_listen=args.metrics_listen, tls=tls,
+                          plain_listen=args.plain_listen)
     except OSError as exc:
         if exc.filename is not None or not (isinstance(exc, socket.gaierror) or exc.errno in LISTEN_ERRORS):
             raise  # not the listening socket's
@@ -442,9 +456,11 @@ def _run_worker(args) -> int:
     """Check the key file once (exit 2 if unusable); the worker re-reads it whenever it changes."""
     master = _master_address(args)
     read_authkey(args.authkey_file)
+    tls = TLS(args.tls_dir) if args.tls_dir else None
     from node.worker import Worker
 
-    worker = Worker(master, args.authkey_file, args.concurrency, _modules(args), args.drain_timeout)
+    worker = Worker(master, args.authkey_file, args.concurrency, _modules(args), args.drain_timeout, tls=tls,
+                    name=args.name)
     return worker.run()
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from node import wire
 from node.config import DEFAULT_MAX_PAYLOAD, format_address, parse_address
 from node.errors import MasterUnavailable, StorageError
+from node.tls import TLS
 
 CHUNK_TASKS = 5000
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -53,6 +54,10 @@ class Result:
         return out
 
 
+def _tls(tls) -> TLS | None:
+    return tls if tls is None or isinstance(tls, TLS) else TLS(tls)
+
+
 class Client:
     """Submit jobs and read results; safe to share between threads.
 
@@ -61,16 +66,18 @@ class Client:
     Calls are safe to repeat: each chunk of a job carries the job's key and its first
     index, and the master adds nothing twice."""
 
-    def __init__(self, master, authkey, retry_for: float = 60.0):
+    def __init__(self, master, authkey, retry_for: float = 60.0, tls=None):
         self.address = parse_address(master) if isinstance(master, str) else tuple(master)
-        self.caller = wire.Caller(self.address, authkey)
+        self.caller = wire.Caller(self.address, authkey, tls=_tls(tls))
         self.retry_for = retry_for
 
     @classmethod
-    def connect(cls, master: str, authkey_file: str, retry_for: float = 60.0) -> Client:
+    def connect(cls, master: str, authkey_file: str, retry_for: float = 60.0, tls=None) -> Client:
         """A client whose master answered: fails now, clearly, if it is unreachable
-        (MasterUnavailable) or the key is wrong (AuthenticationError)."""
-        client = cls(master, wire.Keyring(authkey_file), retry_for)
+        (MasterUnavailable) or the key or certificate is refused (AuthenticationError).
+        `tls`: a directory of TLS files (see node/tls.py) or a TLS object; None for
+        plaintext. Missing or bad TLS files raise TLSConfigError naming the file."""
+        client = cls(master, wire.Keyring(authkey_file), retry_for, tls)
         client.caller.connect()
         return client
 

@@ -2,14 +2,20 @@
 
 `Master` is the service workers and clients call (through server.Server). Workers:
 hello, heartbeat, lease, complete, release, goodbye, each for themselves. Clients:
-submit, withdraw, job, results, status; operators: forget (a removed worker host).
-Every argument from the wire is checked here before it reaches the scheduler; a
+submit, withdraw, job, results, status; operators (admin): forget (a removed worker
+host). Every argument from the wire is checked here before it reaches the scheduler; a
 malformed one is refused with a plain error and changes nothing.
+
+Over TLS the peer's certificate names its role, and `Master.authorize` holds each role
+to its calls (ROLE_CALLS); a worker acts only as itself (its worker ids start with its
+certificate's name). The tutorial's queues are served over TLS to clients and admins,
+and over plaintext only on the separate `plain_listen` address, which serves nothing else.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import os
 import pickle
@@ -42,7 +48,14 @@ HOUSEKEEPING_EVERY = 30.0  # seconds between retention and expiry passes
 FAILED_SCAN_PAGES = 50  # pages of results `results(failed_only=True)` reads at most per call
 
 WORKER_CALLS = ("hello", "heartbeat", "goodbye", "lease", "complete", "release")
-CLIENT_CALLS = ("submit", "withdraw", "job", "results", "status", "forget")
+CLIENT_CALLS = ("submit", "withdraw", "job", "results", "status")
+ADMIN_CALLS = ("forget",)
+# A certificate's role -> its calls. The master's own identity is its host's operator
+# (the playbooks ask status and forget on the master host): client and admin calls.
+ROLE_CALLS = {"worker": frozenset(WORKER_CALLS), "client": frozenset(CLIENT_CALLS),
+              "admin": frozenset(WORKER_CALLS + CLIENT_CALLS + ADMIN_CALLS),
+              "master": frozenset(CLIENT_CALLS + ADMIN_CALLS)}
+CLASSIC_ROLES = frozenset({"client", "admin"})  # who may use the tutorial's queues over TLS
 CLASSIC_METHODS = frozenset({"put", "get", "put_nowait", "get_nowait", "qsize", "empty", "full",
                              "task_done", "join"})
 
@@ -68,6 +81,24 @@ class Master:
         self.worker_keys: dict[str, str] = {}  # worker id -> fingerprint of the key its last call came with
         self.builds: dict = {}  # worker id -> (version or None, protocol), from its hello
         scheduler.on_report = self._reported
+
+    # -- who may call what (TLS peers) -------------------------------------------------
+
+    def authorize(self, identity, method: str, args: tuple, kwargs: dict) -> None:
+        """Raise PermissionError unless `identity`'s role may make this call; a worker
+        only for itself: the worker ids it uses start with its name, the host it reports
+        is its name."""
+        if method not in ROLE_CALLS.get(identity.role, ()):
+            raise PermissionError(f"{identity} may not call {method}")
+        if identity.role != "worker":
+            return
+        try:
+            given = inspect.signature(getattr(self, method)).bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            raise PermissionError(f"{identity}: {method} with bad arguments ({exc})") from None
+        worker, host = given.get("worker"), given.get("host", identity.name)
+        if not (isinstance(worker, str) and worker.startswith(f"{identity.name}-")) or host != identity.name:
+            raise PermissionError(f"{identity} may act only as itself, not as worker {worker!r} on {host!r}")
 
     # -- workers ---------------------------------------------------------------------
 
@@ -388,19 +419,31 @@ def _as_list(value) -> list:
     return list(value)
 
 
+def _classic_authorize(identity, method, args, kwargs) -> None:
+    if identity.role not in CLASSIC_ROLES:
+        raise PermissionError(f"{identity} may not use the tutorial's queues")
+
+
 def run_master(listen: tuple[str, int], authkey, state_dir: str, tasks_modules=(),
                worker_ttl: float = 10.0, max_payload: int = DEFAULT_MAX_PAYLOAD, durability: str = "full",
                retention: float = DEFAULT_RETENTION, max_jobs: int = DEFAULT_MAX_JOBS,
-               metrics_listen: tuple[str, int] | None = None) -> int:
+               metrics_listen: tuple[str, int] | None = None, tls=None,
+               plain_listen: tuple[str, int] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. `tls` (node.tls.TLS, server side): `listen` speaks
+    only TLS; `plain_listen` then serves the tutorial's queues, and only them, in
+    plaintext (authkey only) for unchanged tutorial scripts."""
     registry = Registry(tasks_modules)
     store = Store(state_dir, durability)
     scheduler = Scheduler(store, worker_ttl)
     master = Master(store, scheduler, registry, max_payload=max_payload, address=format_address(listen),
                     retention=retention, max_jobs=max_jobs)
-    classic = [Service(name, queue.Queue(CLASSIC_QUEUE_SIZE), CLASSIC_METHODS, typeid=f"get_{name}", drain=False)
+    classic = [Service(name, queue.Queue(CLASSIC_QUEUE_SIZE), CLASSIC_METHODS, typeid=f"get_{name}", drain=False,
+                       authorize=_classic_authorize)
                for name in ("task_queue", "result_queue")]
-    server = Server(listen, authkey, [Service("master", master, frozenset(WORKER_CALLS + CLIENT_CALLS), "get_master"),
-                                      *classic])
+    server = Server(listen, authkey, [Service("master", master, frozenset(WORKER_CALLS + CLIENT_CALLS + ADMIN_CALLS),
+                                              "get_master",
+                                              authorize=master.authorize), *classic], tls=tls)
+    plain = Server(plain_listen, authkey, classic) if plain_listen is not None else None
     master.server = server
     master.telemetry.enabled = metrics_listen is not None
     stop = threading.Event()
@@ -412,9 +455,13 @@ def run_master(listen: tuple[str, int], authkey, state_dir: str, tasks_modules=(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.start()
-    log.info("taskfleet master %s listening on %s, state in %s (durability %s), %d task(s) queued, tasks: %s",
-             __version__, format_address(server.address), store.path, durability, scheduler.queued,
-             ", ".join(registry.names()))
+    log.info("taskfleet master %s listening on %s%s, state in %s (durability %s), %d task(s) queued, tasks: %s",
+             __version__, format_address(server.address), f" (TLS, files in {tls.directory})" if tls else "",
+             store.path, durability, scheduler.queued, ", ".join(registry.names()))
+    if plain is not None:
+        plain.start()
+        log.warning("serving the tutorial's queues in PLAINTEXT on %s: anyone on that path can read and inject "
+                    "their items", format_address(plain.address))
     metrics = serve_metrics(master, metrics_listen) if metrics_listen is not None else None
     systemd.notify("READY=1", f"STATUS=serving on {format_address(server.address)}")
     while not stop.wait(1.0):
@@ -431,6 +478,8 @@ def run_master(listen: tuple[str, int], authkey, state_dir: str, tasks_modules=(
         metrics.stop()
     scheduler.halt()  # long polls return now
     server.stop()
+    if plain is not None:
+        plain.stop()
     store.close()
     log.info("stopped; state kept in %s", store.path)
     return 0

@@ -11,6 +11,9 @@ One thread per connection. The promises:
 - only the documented calls are served: the services' exposed methods and the few
   manager calls stock proxies need (dummy, create, incref, decref, accept_connection,
   get_methods); `shutdown` and the rest are refused and logged;
+- over TLS (`tls`), each call is first put to its service's `authorize` with the peer's
+  certificate identity: a refusal is logged and answered with PermissionError; when the
+  TLS files change (a revocation), every TLS peer is cut and must verify again;
 - a keyring: a peer may authenticate with any key of the authkey file (wire.Keyring,
   re-read at each handshake and each `refresh_keys`); when a key leaves the file, the
   connections authenticated with it are cut, so a peer still holding it is refused at
@@ -31,6 +34,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
 
+from node import tls as tlsmod
 from node import wire
 from node.config import describe_error, format_address
 from node.errors import StorageError
@@ -43,6 +47,7 @@ LISTEN_BACKLOG = 128
 REJECT_LOG_WINDOW = 60.0  # seconds: at most REJECT_LOG_LINES lines about one peer host in each
 REJECT_LOG_LINES = 5
 MANAGER_CALLS = frozenset({"dummy", "create", "incref", "decref", "accept_connection", "get_methods"})
+TLS_CHECK_EVERY = 1.0  # seconds between looks at the TLS files (a revocation takes effect this fast)
 
 
 @dataclass
@@ -54,6 +59,8 @@ class Service:
     exposed: frozenset
     typeid: str = ""
     drain: bool = True  # a stopping server waits for calls under way (not for blocking queue gets)
+    # (identity, method, args, kwargs) -> None, or raises PermissionError; TLS peers only
+    authorize: object = None
 
 
 @dataclass
@@ -67,7 +74,10 @@ class _Rejections:
 
 class Server:
     def __init__(self, address: tuple[str, int], authkey, services: list[Service], *,
-                 max_connections: int = MAX_CONNECTIONS, max_unauthenticated: int = MAX_UNAUTHENTICATED):
+                 max_connections: int = MAX_CONNECTIONS, max_unauthenticated: int = MAX_UNAUTHENTICATED,
+                 tls: tlsmod.TLS | None = None):
+        self.tls = tls
+        self.tls_checked = time.monotonic()
         """`authkey`: a wire.Keyring, or the one key (bytes)."""
         self.keyring = wire.Keyring.of(authkey)
         self.key_ids = [wire.fingerprint(k) for k in self.keyring.keys()]  # the ring last seen, in order
@@ -99,6 +109,7 @@ class Server:
     def _accept_loop(self) -> None:
         backoff = 0.01
         while not self.stopping:
+            self._check_tls()
             try:
                 sock, peer = self.listener.accept()
             except socket.timeout:
@@ -125,8 +136,26 @@ class Server:
                 log.exception("could not serve a connection from %s", _host(peer))
                 sock.close()
 
+    def _check_tls(self) -> None:
+        """Cut every peer when the TLS files changed, so each verifies again against
+        the new ones (a revoked certificate is out within TLS_CHECK_EVERY)."""
+        if self.tls is None or time.monotonic() - self.tls_checked < TLS_CHECK_EVERY:
+            return
+        self.tls_checked = time.monotonic()
+        try:
+            if not self.tls.changed():
+                return
+        except tlsmod.TLSConfigError as exc:
+            log.error("%s: still using the TLS files loaded before", exc)
+            return
+        with self.lock:
+            conns = list(self.handshaking) + list(self.serving)
+        log.warning("TLS files in %s changed: every peer (%d) must verify again", self.tls.directory, len(conns))
+        for conn in conns:
+            conn.abort()
+
     def _admit(self, sock: socket.socket, peer) -> None:
-        conn = wire.Connection(sock)
+        conn = wire.Connection(self.tls.wrap_server(sock) if self.tls else sock)
         evict = None
         with self.lock:
             if len(self.handshaking) + len(self.serving) >= self.max_connections:
@@ -198,8 +227,10 @@ class Server:
                 log.debug("connection from %s closed before authenticating", _host(peer))
                 return False
             reason = "handshake cut: too many unauthenticated connections"
+        except PermissionError as exc:  # a certificate of our CA without a role
+            reason = str(exc)
         except (OSError, AssertionError) as exc:
-            reason = f"no valid handshake ({describe_error(exc)})"
+            reason = f"no valid handshake ({_handshake_error(exc, self.tls is not None)})"
         else:
             with self.lock:
                 if self.stopping or self.handshaking.pop(conn, None) is None or conn.key_id not in self.key_ids:
@@ -230,7 +261,7 @@ class Server:
                     return
                 self.calls += counted
             try:
-                reply = self._dispatch(request, peer)
+                reply = self._dispatch(request, peer, conn.identity)
             except ConnectionAbortedError:  # cut short by the master stopping: no reply
                 return
             finally:
@@ -244,7 +275,7 @@ class Server:
             except Exception as exc:  # the value would not pickle
                 conn.send(("#ERROR", RuntimeError(f"the reply could not be sent: {describe_error(exc)}")))
 
-    def _dispatch(self, request, peer):
+    def _dispatch(self, request, peer, identity: tlsmod.Identity | None = None):
         """The reply to one request (see the module docstring)."""
         if not (isinstance(request, tuple) and len(request) == 4 and isinstance(request[0], (str, type(None)))
                 and isinstance(request[1], str) and isinstance(request[2], tuple) and isinstance(request[3], dict)):
@@ -260,6 +291,13 @@ class Server:
         service = self.services.get(ident)
         if service is None or method not in service.exposed:
             return self._refuse(peer, f"call {method!r} on {ident!r} is not served")
+        if identity is not None:
+            try:
+                if service.authorize is None:
+                    raise PermissionError(f"{identity} may not call {method}")
+                service.authorize(identity, method, args, kwargs)
+            except PermissionError as exc:
+                return self._refuse(peer, str(exc))
         try:
             return ("#RETURN", getattr(service.obj, method)(*args, **kwargs))
         except ConnectionAbortedError:  # the service is stopping: see _request_loop
@@ -325,6 +363,12 @@ class Server:
         if self.thread is not None:
             self.thread.join(2.0)
         self.listener.close()
+
+
+def _handshake_error(exc: BaseException, over_tls: bool) -> str:
+    if over_tls and isinstance(exc, TimeoutError):
+        return "timed out: no TLS handshake (a plaintext client?)"
+    return describe_error(exc)
 
 
 def _host(peer) -> str:

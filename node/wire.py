@@ -11,6 +11,8 @@ stock classes lack, added here:
   3.12's (`{sha256}` and 40 random bytes); answers of both kinds Python 3.9 to 3.13
   give (a bare HMAC-MD5, or `{digest}` and an HMAC, over the whole challenge) are
   checked here against each key of the ring (`deliver_challenge`);
+- optional TLS 1.3 around it all (node/tls.py): the TLS handshake, then the authkey
+  challenge inside it, both within the same deadline;
 - `Connection` works over a socket (not a raw fd) and takes a *total* deadline: a peer
   that trickles a byte at a time cannot hold a handshake open past it;
 - nothing is unpickled before the peer has authenticated (`recv_bytes(256)` only);
@@ -30,12 +32,14 @@ import logging
 import os
 import pickle
 import socket
+import ssl
 import struct
 import threading
 import time
 from multiprocessing import AuthenticationError
 from multiprocessing import connection as mpc
 
+from node import tls as tlsmod
 from node.config import ConfigError, describe_error, format_address, read_keyring
 from node.errors import MasterUnavailable, RemoteError
 
@@ -69,6 +73,7 @@ class Connection:
         self.timeout: float | None = None  # per-operation, when no deadline is set
         self.closed = False
         self.key_id: str | None = None  # fingerprint of the key it authenticated with
+        self.identity: tlsmod.Identity | None = None  # the peer's certificate (TLS only)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -238,10 +243,19 @@ def deliver_challenge(conn: Connection, keys: list[bytes]) -> bytes:
 
 
 def serve_handshake(conn: Connection, keys: list[bytes]) -> bytes:
-    """The server's side: challenge the peer (any key of `keys` will do), then answer its
-    challenge with the key it used, within HANDSHAKE_TIMEOUT in all. Returns that key;
-    sets conn.key_id to its fingerprint. Raises AuthenticationError, EOFError or OSError."""
+    """The server's side: the TLS handshake if `conn` is over TLS (conn.identity: the
+    peer's certificate), then challenge the peer (any key of `keys` will do) and answer
+    its challenge with the key it used, within HANDSHAKE_TIMEOUT in all. Returns that key;
+    sets conn.key_id to its fingerprint. Raises AuthenticationError, EOFError, OSError
+    (ssl.SSLError: a plaintext peer, a certificate refused) or PermissionError."""
     conn.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    if isinstance(conn.sock, ssl.SSLSocket):
+        conn._arm()
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLEOFError:  # closed before a word: a port probe, as over plaintext
+            raise EOFError("connection closed by the peer") from None
+        conn.identity = tlsmod.identity(conn.sock)
     key = deliver_challenge(conn, keys)
     mpc.answer_challenge(conn, key)
     conn.deadline = None
@@ -249,18 +263,23 @@ def serve_handshake(conn: Connection, keys: list[bytes]) -> bytes:
     return key
 
 
-def dial(address: tuple[str, int], authkey: bytes, reply_timeout: float = REPLY_TIMEOUT) -> Connection:
-    """An authenticated connection to the master (its key_id: `authkey`'s fingerprint).
-    Raises MasterUnavailable or AuthenticationError (the message says what to do)."""
+def dial(address: tuple[str, int], authkey: bytes, reply_timeout: float = REPLY_TIMEOUT,
+         tls: tlsmod.TLS | None = None) -> Connection:
+    """An authenticated connection to the master (its key_id: `authkey`'s fingerprint),
+    over TLS when `tls` is given. Raises MasterUnavailable or AuthenticationError (the
+    message says what to do)."""
     where = format_address(address)
     try:
         sock = socket.create_connection(tuple(address), timeout=CONNECT_TIMEOUT)
     except OSError as exc:
         raise MasterUnavailable(f"cannot reach the master at {where}: {describe_error(exc)}") from None
     tune(sock)
-    conn = Connection(sock)
+    conn = Connection(tls.wrap_client(sock, address[0]) if tls else sock)
     try:
         conn.deadline = time.monotonic() + HANDSHAKE_TIMEOUT + CONNECT_TIMEOUT
+        if tls:
+            conn._arm()
+            conn.sock.do_handshake()
         mpc.answer_challenge(conn, authkey)
         mpc.deliver_challenge(conn, authkey)
         conn.deadline, conn.timeout = None, reply_timeout
@@ -272,9 +291,24 @@ def dial(address: tuple[str, int], authkey: bytes, reply_timeout: float = REPLY_
             f"authentication failed with the master at {where}: it refused authkey {fingerprint(authkey)} "
             "(the authkey file's first key is not in the master's)"
         ) from None
+    except ssl.SSLError as exc:
+        conn.close()
+        raise AuthenticationError(f"TLS with the master at {where} failed: {_tls_reason(exc)}") from None
     except (OSError, EOFError, AssertionError) as exc:  # answer_challenge asserts on a non-challenge
         conn.close()
         raise MasterUnavailable(f"cannot reach the master at {where}: {describe_error(exc)}") from None
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """What a TLS failure means, in words an operator can act on."""
+    reason = (exc.reason or str(exc)).lower()
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the master's certificate is not trusted ({exc.verify_message})"
+    if "wrong_version_number" in reason or "record_layer_failure" in reason or "packet_length" in reason:
+        return "the master does not speak TLS on this port (a plaintext master?)"
+    if "alert" in reason:
+        return f"the master refused this agent's certificate ({reason.split('alert_', 1)[-1].replace('_', ' ')})"
+    return reason.replace("_", " ")
 
 
 class Caller:
@@ -288,9 +322,10 @@ class Caller:
     moves every caller to the new key within a call, without a reconnect failing)."""
 
     def __init__(self, address: tuple[str, int], authkey, ident: str = "master",
-                 reply_timeout: float = REPLY_TIMEOUT):
+                 reply_timeout: float = REPLY_TIMEOUT, tls: tlsmod.TLS | None = None):
         self.address = tuple(address)
         self.authkey = authkey
+        self.tls = tls
         self.ident = ident
         self.reply_timeout = reply_timeout
         self._idle: list[Connection] = []
@@ -315,7 +350,7 @@ class Caller:
         finally:
             for conn in stale:
                 conn.close()
-        return dial(self.address, key, self.reply_timeout)
+        return dial(self.address, key, self.reply_timeout, self.tls)
 
     def connect(self) -> None:
         """Dial now (raising as dial does) and keep the connection for the next call."""

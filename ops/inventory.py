@@ -39,6 +39,14 @@ class Fleet:
     master_address: str  # HOST:PORT
     authkey_file: Path
     metrics_listen: str  # the master's taskfleet_metrics_listen, as written in the inventory
+    tls: bool = True  # the fleet speaks TLS (taskfleet_tls): the controller uses its identities below
+
+    def tls_dir(self, role: str = "client") -> Path | None:
+        """The controller's TLS directory for `role` (client or admin), made by the
+        deploy (roles/common/tasks/tls-controller.yml); None for a plaintext fleet."""
+        if not self.tls:
+            return None
+        return Path(os.environ.get("TASKFLEET_TLS_DIR") or self.inventory / "secrets" / "tls" / "controller" / role)
 
     def select(self, names: str | None) -> list:
         """Hosts by comma-separated inventory names or group names (None: all)."""
@@ -81,6 +89,14 @@ def load(inventory: str | Path = LOCAL_INVENTORY) -> Fleet:
     address = master_vars.get("taskfleet_master_address", hosts[0].address)
     port = master_vars.get("taskfleet_master_port", DEFAULT_PORT)
     key = Path(os.environ.get("TASKFLEET_AUTHKEY_FILE") or path / "secrets" / "authkey")
-    # The master role's default when the inventory does not set it (roles/master/defaults).
+    # The role default when the inventory does not set it (roles/common/defaults).
     metrics = str(master_vars.get("taskfleet_metrics_listen", f"127.0.0.1:{DEFAULT_METRICS_PORT}"))
-    return Fleet(path, hosts, os.environ.get("TASKFLEET_MASTER") or f"{address}:{port}", key, metrics)
+    tls = _truthy(master_vars.get("taskfleet_tls", True))
+    return Fleet(path, hosts, os.environ.get("TASKFLEET_MASTER") or f"{address}:{port}", key, metrics, tls)
+
+
+def _truthy(value) -> bool:
+    """An Ansible boolean as the inventory may write it (true, "yes", "false", 0, ...)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on", "y", "t")
+    return bool(value)

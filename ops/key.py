@@ -39,7 +39,7 @@ def _check_from_here(fleet: inv.Fleet, step: str, old: bytes, new: bytes) -> set
     remove, the old one refused). Returns the running agents (_agents)."""
     dial = old if step == "install" else new
     ring = {"install": [old, new], "use": [new, old], "remove": [new]}[step]
-    with Client(fleet.master_address, dial, retry_for=10) as client:
+    with Client(fleet.master_address, dial, retry_for=10, tls=fleet.tls_dir()) as client:
         status = client.status()
     seen = status["keyring"]
     expected = {"ring": [wire.fingerprint(k) for k in ring], "caller": wire.fingerprint(dial)}
@@ -48,7 +48,7 @@ def _check_from_here(fleet: inv.Fleet, step: str, old: bytes, new: bytes) -> set
                    "run invoke key.rotate again (each step is safe to repeat)", 1)
     if step == "remove":
         try:
-            with Client(fleet.master_address, old, retry_for=0) as client:
+            with Client(fleet.master_address, old, retry_for=0, tls=fleet.tls_dir()) as client:
                 client.status()
         except AuthenticationError:
             return _agents(status)

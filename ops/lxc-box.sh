@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the local cluster's Vagrant box for the LXC provider (vagrant-lxc 1.4 format) from
-# debootstrap: Debian minbase + systemd, systemd-networkd, sshd, python3, sudo, for one suite.
+# debootstrap: Debian minbase + systemd, systemd-networkd, sshd, python3, sudo, nftables (a
+# standard Debian install has it; the master's firewall needs it, the hosts have no mirror),
+# for one suite.
 #
 #   ops/lxc-box.sh SUITE OUTPUT.box      SUITE: bullseye (Debian 11), bookworm (12) or trixie (13)
 #
@@ -13,7 +15,7 @@ suite=${1:?usage: $0 SUITE OUTPUT.box}
 out=${2:?usage: $0 SUITE OUTPUT.box}
 mirror=${TASKFLEET_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 vagrant_pub=${VAGRANT_INSECURE_PUB:-$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub 2>/dev/null | head -n1)}
-packages=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,iproute2,iputils-ping,procps
+packages=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,sudo,iproute2,iputils-ping,procps,nftables
 
 die() { echo "lxc-box: $*" >&2; exit 1; }
 case $suite in

@@ -12,8 +12,8 @@ from ops.paths import ROOT
 
 # The dashboard's tests drive the page in a real browser: Debian's headless Chromium and its
 # driver; the end-to-end tier scrapes the master with Debian's Prometheus (run by the test
-# itself: its package's service is not used).
-CONTROLLER_PACKAGES = ("chromium", "chromium-driver", "prometheus")
+# itself: its package's service is not used) and captures the cluster's bridge (tcpdump).
+CONTROLLER_PACKAGES = ("chromium", "chromium-driver", "prometheus", "tcpdump")
 # The fleet checks run at --scale: spread over every worker and suite, a second deploy changes
 # nothing, a worker host killed mid-job loses nothing.
 SCALE_TESTS = ("tests/e2e/test_2_fleet.py", "tests/e2e/test_6_suites.py")
@@ -38,7 +38,7 @@ def test(c, e2e=True, keep_cluster=False, pytest_args="", scale=0):
         apt.ensure(CONTROLLER_PACKAGES, "test")
     elif missing := apt.missing(CONTROLLER_PACKAGES):
         print(f"==> not root or no apt-get: {', '.join(missing)} cannot be installed; the tests that need "
-              "them (the dashboard in a browser, Prometheus) will be skipped", flush=True)
+              "them (the dashboard in a browser, Prometheus, the bridge capture) will be skipped", flush=True)
     was_up = localcluster.recorded() is not None
     marker = [] if e2e else ["-m", "not e2e"]
     command = ["pytest", "-p", "no:cacheprovider", "-rs", *marker, *shlex.split(pytest_args)]

@@ -71,7 +71,7 @@ def _defaults() -> dict:
     return values
 
 
-UNIT_TEMPLATES = sorted(ROLES.glob("*/templates/*.service*"))
+UNIT_TEMPLATES = sorted(ROLES.glob("*/templates/taskfleet*.service*"))  # the agents' units
 
 
 def _render_unit(template: Path, agent: str) -> dict:
@@ -102,13 +102,23 @@ def test_units_are_notify_with_watchdog_limits_and_no_restart_on_config_errors(t
         "Type": "notify", "NotifyAccess": "main", "TimeoutStartSec": str(defaults["taskfleet_start_timeout"]),
         "WatchdogSec": str(defaults["taskfleet_watchdog_sec"]), "LimitNOFILE": str(defaults["taskfleet_limit_nofile"]),
         "Restart": "on-failure", "RestartPreventExitStatus": "2", "EnvironmentFile": f"/etc/taskfleet/{agent}.env",
+        "TasksMax": str(defaults["taskfleet_tasks_max"]),
     }
     assert {key: unit.get(key) for key in expected} == {key: [value] for key, value in expected.items()}
     assert (defaults["taskfleet_watchdog_sec"], defaults["taskfleet_limit_nofile"]) == (60, 65536)
+    assert "MemoryMax" not in unit, "no memory cap unless taskfleet_memory_max is set"
     assert unit["ExecStart"][0].endswith(f"/current/taskfleet-node.pyz {agent}")
     for directive in defaults["taskfleet_unit_hardening"]:
         key, _, value = directive.partition("=")
         assert unit.get(key) == [value], directive
+
+
+def test_the_memory_cap_is_a_knob():
+    template = ROLES / "common" / "templates" / "taskfleet.service.j2"
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = env.from_string(template.read_text()).render(
+        {**_defaults(), "taskfleet_agent": "worker", "ansible_managed": "m", "taskfleet_memory_max": "1G"})
+    assert "\nMemoryMax=1G\n" in text
 
 
 def _tasks(node):
@@ -127,20 +137,25 @@ def _tasks(node):
     return list(walk(node, False))
 
 
+SECRET = re.compile(r"authkey|\.key\b", re.I)  # the shared key; a TLS private key (node.key, NAME.key, ca.key)
+
+
 def _authkey_tasks_without_no_log(tasks) -> list:
-    """Names of tasks that mention the authkey anywhere but in their name, yet may log."""
+    """Names of tasks that mention a secret (the authkey, a private key) anywhere but in
+    their name, yet may log."""
     return [task.get("name", "?") for task, no_log in tasks
-            if re.search("authkey", yaml.safe_dump({k: v for k, v in task.items() if k != "name"}), re.I)
+            if SECRET.search(yaml.safe_dump({k: v for k, v in task.items() if k != "name"}))
             and no_log is not True]
 
 
 TASK_FILES = sorted([*ROLES.glob("*/tasks/*.yml"), *ROLES.glob("*/handlers/*.yml"), *PLAYBOOKS.glob("*.yml")])
 
 
-def test_every_task_touching_the_authkey_is_no_log():
+def test_every_task_touching_a_secret_is_no_log():
     tasks = [t for path in TASK_FILES for t in _tasks(yaml.safe_load(path.read_text()))]
     assert len(tasks) > 30, "the walker found too few tasks: it has lost track of the playbooks' layout"
     assert len([1 for task, _ in tasks if "authkey" in yaml.safe_dump(task)]) >= 6
+    assert len([1 for task, _ in tasks if "node.key" in yaml.safe_dump(task)]) >= 1
     assert _authkey_tasks_without_no_log(tasks) == []
 
 
@@ -150,5 +165,6 @@ def test_the_no_log_guard_catches_a_leaky_task():
               "no_log": True},
              {"name": "Explicitly logged", "ansible.builtin.stat": {"path": "{{ taskfleet_authkey_path }}"},
               "no_log": False},
-             {"name": "About the authkey, touching nothing", "ansible.builtin.debug": {"msg": "hi"}}]
-    assert _authkey_tasks_without_no_log(_tasks(leaky)) == ["Show it", "Explicitly logged"]
+             {"name": "About the authkey, touching nothing", "ansible.builtin.debug": {"msg": "hi"}},
+             {"name": "Copy a private key", "ansible.builtin.copy": {"src": "issued/h.key", "dest": "/x/node.key"}}]
+    assert _authkey_tasks_without_no_log(_tasks(leaky)) == ["Show it", "Explicitly logged", "Copy a private key"]

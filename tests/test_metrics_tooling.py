@@ -111,5 +111,5 @@ def test_the_scrape_config_of_a_master_without_metrics_scrapes_nothing():
 
 
 def test_without_the_variable_the_dashboard_reads_the_roles_default(tmp_path):
-    defaults = yaml.safe_load((ROOT / "playbooks" / "roles" / "master" / "defaults" / "main.yml").read_text())
+    defaults = yaml.safe_load((ROOT / "playbooks" / "roles" / "common" / "defaults" / "main.yml").read_text())
     assert inv.load(inventory(tmp_path)).metrics_listen == defaults["taskfleet_metrics_listen"] == "127.0.0.1:9464"

@@ -44,12 +44,13 @@ LINK_STUCK = 2 * REPLY_TIMEOUT  # a link thread silent this long stops the watch
 
 class Worker:
     def __init__(self, master: tuple[str, int], authkey_file: str, concurrency: int | None = None,
-                 tasks_modules=(), drain_timeout: float = DRAIN_TIMEOUT):
+                 tasks_modules=(), drain_timeout: float = DRAIN_TIMEOUT, tls=None, name: str | None = None):
         self.master = master
+        self.tls = tls  # node.tls.TLS, or None for plaintext
         self.concurrency = concurrency or os.cpu_count() or 1
         self.registry = Registry(tasks_modules)
         self.drain_timeout = drain_timeout
-        self.host = socket.gethostname()
+        self.host = name or socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
         # The master's limit on a result, learned at hello: shared memory, because the pool

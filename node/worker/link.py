@@ -49,7 +49,7 @@ class Link:
         self.authkey_file = authkey_file
         where = worker.master
         self.where = format_address(where)
-        self.caller = wire.Caller(where, wire.Keyring(authkey_file), reply_timeout=REPLY_TIMEOUT)
+        self.caller = wire.Caller(where, wire.Keyring(authkey_file), reply_timeout=REPLY_TIMEOUT, tls=worker.tls)
         self.ever_connected = False
         self.connected = False
         self.backoff = 0.5
@@ -94,18 +94,18 @@ class Link:
         w = self.worker
         try:
             self._introduce()
-        except AuthenticationError as exc:
+        except Incompatible as exc:  # before PermissionError, its base: an upgrade under way passes
+            self._retry_later(f"the master at {self.where} refused this worker: {exc}")
+            return False
+        except (AuthenticationError, PermissionError) as exc:  # a wrong key, a certificate refused
             if not self.ever_connected:
-                w.fail(str(exc), code=2)  # a wrong key at first start: a configuration error
+                w.fail(str(exc), code=2)  # at first start: a configuration error
                 w.draining.set()
                 return False
             self._retry_later(f"{exc} (re-reading {self.authkey_file} when it changes)")
             return False
         except ConfigError as exc:  # the key file went missing or bad mid-rotation
             self._retry_later(str(exc))
-            return False
-        except Incompatible as exc:
-            self._retry_later(f"the master at {self.where} refused this worker: {exc}")
             return False
         except (MasterUnavailable, StorageError, RemoteError) as exc:
             self._retry_later(describe_error(exc))

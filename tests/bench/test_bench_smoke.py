@@ -38,11 +38,13 @@ def test_ratios_and_table(capsys):
         {"system": s, "workload": w, "tasks": 10, "workers": 1, "tasks_per_s": rate, "seconds": 1.0}
         for (s, w, rate) in (("taskfleet", "tiny", 100.0), ("tutorial", "tiny", 10.0), ("pool", "tiny", 1000.0),
                              ("taskfleet", "burn", 95.0), ("tutorial", "burn", 90.0), ("pool", "burn", 100.0),
-                             ("taskfleet-fast", "tiny", 200.0), ("taskfleet-fast", "burn", 95.0))
+                             ("taskfleet-fast", "tiny", 200.0), ("taskfleet-fast", "burn", 95.0),
+                             ("taskfleet-tls", "tiny", 80.0))
     ]
     ratio_rows = throughput.ratios(rows)
     assert ratio_rows == [{"workers": 1, "tiny_taskfleet_over_tutorial": 10.0, "burn_taskfleet_over_pool": 0.95,
-                           "tiny_full_over_fast": 0.5, "burn_full_over_fast": 1.0}]
+                           "tiny_full_over_fast": 0.5, "burn_full_over_fast": 1.0, "tiny_tls_over_plaintext": 0.8}]
     throughput.print_table(rows, ratio_rows)
     out = capsys.readouterr().out
     assert "taskfleet / tutorial" in out and "taskfleet-fast" in out and "durability full / fast" in out
+    assert "TLS / plaintext" in out

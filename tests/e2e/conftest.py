@@ -80,7 +80,7 @@ def authkey(fleet) -> str:
 
 @pytest.fixture
 def client(fleet):
-    with Client.connect(fleet.master_address, str(fleet.authkey_file)) as c:
+    with Client.connect(fleet.master_address, str(fleet.authkey_file), tls=fleet.tls_dir()) as c:
         yield c
 
 

@@ -22,7 +22,7 @@ from tests.e2e.conftest import host
 from tests.waiting import wait_for
 
 LEFT_BEHIND = ["/etc/taskfleet", "/opt/taskfleet", "/etc/systemd/system/taskfleet-master.service",
-               "/etc/systemd/system/taskfleet-worker.service"]
+               "/etc/systemd/system/taskfleet-worker.service", "/etc/systemd/system/taskfleet-firewall.service"]
 
 
 def assert_done_once_each(results, total: int) -> None:
@@ -49,6 +49,7 @@ def nothing_left(h, keep_state: bool) -> None:
     assert not h.user("taskfleet").exists and not h.group("taskfleet").exists
     assert h.run("pgrep -u taskfleet").rc == 1 or not h.user("taskfleet").exists
     assert not h.socket("tcp://0.0.0.0:5000").is_listening
+    assert "taskfleet" not in h.check_output("nft list tables 2>/dev/null || true"), "the firewall's table is left"
     state = h.file("/var/lib/taskfleet")
     if keep_state:
         assert state.exists and state.user == "root" and h.file("/var/lib/taskfleet/ledger.sqlite3").exists
@@ -60,7 +61,7 @@ def test_removing_a_worker_mid_job_loses_nothing_and_deploy_brings_it_back(fleet
     operator("deploy")
     victim = [h for h in fleet.hosts if "workers" in h.groups][-1].name
     total = 300
-    with Client.connect(fleet.master_address, str(fleet.authkey_file), retry_for=120) as client:
+    with Client.connect(fleet.master_address, str(fleet.authkey_file), retry_for=120, tls=fleet.tls_dir()) as client:
         job = client.submit("sleep", [(0.1,)] * total)
         wait_for(lambda: job.progress()["done"] >= 20, 60, "the job to be under way")
         try:
@@ -85,7 +86,7 @@ def test_removing_a_worker_mid_job_loses_nothing_and_deploy_brings_it_back(fleet
 def test_a_worker_host_that_is_down_is_forgotten_and_comes_back_with_a_deploy(fleet, cluster, operator):
     operator("deploy")
     victim = [n for n in cluster if n.group == "workers"][-1]
-    with Client.connect(fleet.master_address, str(fleet.authkey_file), retry_for=120) as client:
+    with Client.connect(fleet.master_address, str(fleet.authkey_file), retry_for=120, tls=fleet.tls_dir()) as client:
         job = client.submit("sleep", [(0.1,)] * 200)
         wait_for(lambda: job.progress()["done"] >= 20, 60, "the job to be under way")
         subprocess.run(["lxc-stop", "-k", "-n", victim.container], check=True, capture_output=True)
@@ -109,7 +110,7 @@ def test_a_worker_host_that_is_down_is_forgotten_and_comes_back_with_a_deploy(fl
 def test_reset_mid_job_then_deploy_serves_the_ledger_again(fleet, operator):
     operator("deploy")
     total = 400
-    with Client.connect(fleet.master_address, str(fleet.authkey_file)) as client:
+    with Client.connect(fleet.master_address, str(fleet.authkey_file), tls=fleet.tls_dir()) as client:
         earlier = client.submit("square", [(n,) for n in range(20)])
         assert [r.value for r in earlier.wait()] == [n * n for n in range(20)]
         job = client.submit("sleep", [(0.05,)] * total)
@@ -122,14 +123,14 @@ def test_reset_mid_job_then_deploy_serves_the_ledger_again(fleet, operator):
     finally:
         deployed = operator("deploy")
     print(f"deploy after reset: {deployed.stdout.split('ansible-playbook exited 0 after ')[1].split()[0]} s")
-    with Client.connect(fleet.master_address, str(fleet.authkey_file)) as client:
+    with Client.connect(fleet.master_address, str(fleet.authkey_file), tls=fleet.tls_dir()) as client:
         assert [r.value for r in client.job(earlier.id).wait()] == [n * n for n in range(20)]
         assert_done_once_each(client.job(job.id).wait(), total)
 
 
 def test_reset_with_purge_data_leaves_nothing_and_a_deploy_starts_afresh(fleet, operator):
     operator("deploy")
-    with Client.connect(fleet.master_address, str(fleet.authkey_file)) as client:
+    with Client.connect(fleet.master_address, str(fleet.authkey_file), tls=fleet.tls_dir()) as client:
         earlier = client.submit("square", [(2,)])
         earlier.wait()
     try:
@@ -140,7 +141,7 @@ def test_reset_with_purge_data_leaves_nothing_and_a_deploy_starts_afresh(fleet, 
             nothing_left(host(h.name), keep_state=False)
     finally:
         operator("deploy")
-    with Client.connect(fleet.master_address, str(fleet.authkey_file)) as client:
+    with Client.connect(fleet.master_address, str(fleet.authkey_file), tls=fleet.tls_dir()) as client:
         assert client.status()["tasks"]["jobs"] == 0
         try:
             client.job(earlier.id)
@@ -159,7 +160,7 @@ def test_key_rotation_mid_job_no_restart_and_the_old_key_refused_after_remove(fl
     shutil.copy(fleet.authkey_file, old_file)
     old = wire.Keyring(str(old_file)).dial_key()
     total = 600
-    old_client = Client(fleet.master_address, old)  # a client that keeps the old key throughout
+    old_client = Client(fleet.master_address, old, tls=fleet.tls_dir())  # keeps the old key throughout
     job = old_client.submit("sleep", [(0.05,)] * total)
     calls = []  # (monotonic time, "ok" or the error) of the old-key client's calls, until it is refused
 
@@ -200,7 +201,7 @@ def test_key_rotation_mid_job_no_restart_and_the_old_key_refused_after_remove(fl
     assert f"it refused authkey {wire.fingerprint(old)}" in calls[-1][1]
     old_client.close()
 
-    with Client.connect(fleet.master_address, str(fleet.authkey_file)) as client:
+    with Client.connect(fleet.master_address, str(fleet.authkey_file), tls=fleet.tls_dir()) as client:
         assert_done_once_each(client.job(job.id).wait(), total)
         status = client.status()
     new = wire.fingerprint(wire.Keyring(str(fleet.authkey_file)).dial_key())
@@ -210,7 +211,8 @@ def test_key_rotation_mid_job_no_restart_and_the_old_key_refused_after_remove(fl
     recap = parse_recap(operator("deploy").stdout)  # the new key is what a deploy writes: nothing changes
     assert recap and {h: c["changed"] for h, c in recap.items()} == {h: 0 for h in recap}
     refused = subprocess.run([sys.executable, "-m", "node", "status", "--master", fleet.master_address,
-                              "--authkey-file", str(old_file)], capture_output=True, text=True, cwd=ROOT)
+                              "--authkey-file", str(old_file), "--tls-dir", str(fleet.tls_dir())],
+                             capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert f"it refused authkey {wire.fingerprint(old)}" in refused.stderr
 

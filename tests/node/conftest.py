@@ -88,6 +88,7 @@ class Agents:
         self.counter = 0
         self.port = None
         self.state_dir = tmp / "state"
+        self.tls: dict[str, Path] | None = None  # role -> TLS dir (see test_tls.py); None: plaintext
 
     @property
     def master_address(self) -> str:
@@ -109,7 +110,7 @@ class Agents:
         self.port = port or self.port or free_port()
         state = state_dir or self.state_dir
         argv = [*(entry or ["-m", "node"]), "master", "--listen", self.master_address, "--state-dir", str(state),
-                "--authkey-file", str(self.key), "--worker-ttl", str(ttl), *extra]
+                "--authkey-file", str(self.key), "--worker-ttl", str(ttl), *self._tls_args("master"), *extra]
         proc = self._spawn("master", argv, python=python, preexec=preexec)
         if wait:
             self.wait_serving(proc)
@@ -126,29 +127,36 @@ class Agents:
     def start_worker(self, *extra, concurrency: int = 1, entry: list | None = None, python: str = PYTHON,
                      key: Path | None = None) -> Proc:
         argv = [*(entry or ["-m", "node"]), "worker", "--master", self.master_address,
-                "--authkey-file", str(key or self.key), "--concurrency", str(concurrency), *extra]
+                "--authkey-file", str(key or self.key), "--concurrency", str(concurrency), *self._tls_args("worker"),
+                *extra]
         return self._spawn("worker", argv, python=python)
 
     def cli(self, *args, env: dict | None = None, timeout: float = 60.0, input: str | None = None,
             entry: list | None = None, python: str = PYTHON, with_master: bool = True) -> subprocess.CompletedProcess:
         argv = [python, *(entry or ["-m", "node"]), *args]
         if with_master and args and args[0] in ("submit", "status", "results", "forget"):
-            argv += ["--master", self.master_address, "--authkey-file", str(self.key)]
+            argv += ["--master", self.master_address, "--authkey-file", str(self.key),
+                     *self._tls_args("admin" if args[0] == "forget" else "client")]
         return subprocess.run(argv, capture_output=True, text=True, cwd=str(ROOT), env=env or base_env(),
                               timeout=timeout, input=input)
 
+    def _tls_args(self, role: str) -> list:
+        return ["--tls-dir", str(self.tls[role])] if self.tls else []
+
     # -- talking to the master in-process ------------------------------------------------
 
-    def client(self, retry_for: float = 60.0):
+    def client(self, retry_for: float = 60.0, role: str = "client"):
         from node.client import Client
 
-        return Client.connect(self.master_address, str(self.key), retry_for=retry_for)
+        return Client.connect(self.master_address, str(self.key), retry_for=retry_for,
+                              tls=self.tls[role] if self.tls else None)
 
     def try_status(self):
         from node.client import Client
         from node.config import read_authkey
 
-        client = Client(self.master_address, read_authkey(str(self.key)), retry_for=0)
+        client = Client(self.master_address, read_authkey(str(self.key)), retry_for=0,
+                        tls=self.tls["client"] if self.tls else None)
         try:
             return client.status()
         except Exception:

@@ -438,8 +438,8 @@ class Recorder:
 
     calls: list = []
 
-    def __init__(self, *args):
-        Recorder.calls.append(("Worker", args, {}))
+    def __init__(self, *args, **kwargs):
+        Recorder.calls.append(("Worker", args, kwargs))
 
     def run(self):
         return 0
@@ -470,7 +470,7 @@ def test_master_gets_its_settings_as_keywords(engine, tmp_path):
     assert (listen, state, modules) == (("127.0.0.1", 7000), str(tmp_path / "state"), ["m"])
     assert keyring.path == str(key) and keyring.keys() == [b"s3cret-agents-key"]  # the file, read again on change
     assert kwargs == {"worker_ttl": 30.0, "max_payload": 2000000, "durability": "fast", "retention": 86400.0,
-                      "max_jobs": 99, "metrics_listen": ("127.0.0.1", 9464)}
+                      "max_jobs": 99, "metrics_listen": ("127.0.0.1", 9464), "tls": None, "plain_listen": None}
     assert (tmp_path / "state").is_dir()
 
 
@@ -478,7 +478,7 @@ def test_worker_gets_the_key_file_path_after_one_check(engine, tmp_path):
     key = write_key(tmp_path / "k")
     assert cli.main(["worker", "--master", "m:1", "--authkey-file", str(key), "--concurrency", "4",
                      "--drain-timeout", "5m", "--tasks-module", "a", "--tasks-module", "b"]) == 0
-    assert engine == [("Worker", (("m", 1), str(key), 4, ["a", "b"], 300.0), {})]
+    assert engine == [("Worker", (("m", 1), str(key), 4, ["a", "b"], 300.0), {"tls": None, "name": None})]
     loose = write_key(tmp_path / "loose", b"k", 0o644)
     assert cli.main(["worker", "--master", "m:1", "--authkey-file", str(loose)]) == 2
     assert len(engine) == 1  # a bad key file at first start: no worker
