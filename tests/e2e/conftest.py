@@ -84,6 +84,16 @@ def client(fleet):
         yield c
 
 
+def where_secrets_must_not_be(h) -> dict:
+    """What anyone on host `h` may read that must never hold a secret: {place: its text}."""
+    return {
+        "process list": h.check_output("ps -eo args"),
+        "unit files": h.check_output("cat /etc/systemd/system/taskfleet-*.service"),
+        "env files": h.check_output("cat /etc/taskfleet/*.env"),
+        "journal": h.check_output("journalctl --no-pager -o cat -n 5000"),
+    }
+
+
 def host(name: str):
     return testinfra.get_host(f"ansible://{name}?sudo=true", ansible_inventory=str(LOCAL_INVENTORY))
 

@@ -12,6 +12,7 @@ import yaml
 
 from ops import artifact
 from ops.paths import LOCAL_INVENTORY, ROOT
+from tests.e2e.conftest import where_secrets_must_not_be
 
 MASTER_PORT = 5000
 
@@ -176,13 +177,7 @@ def test_controller_keeps_the_key_private(fleet, authkey):
 def test_authkey_never_leaks_on_the_hosts(master_host, worker_hosts, authkey):
     for h in [master_host, *worker_hosts]:
         assert authkey in h.check_output("cat /etc/taskfleet/authkey")  # the check can see it...
-        places = {
-            "process list": h.check_output("ps -eo args"),
-            "unit files": h.check_output("cat /etc/systemd/system/taskfleet-*.service"),
-            "env files": h.check_output("cat /etc/taskfleet/*.env"),
-            "journal": h.check_output("journalctl --no-pager -o cat -n 5000"),
-        }
-        for where, text in places.items():  # ...and it is nowhere else
+        for where, text in where_secrets_must_not_be(h).items():  # ...and it is nowhere else
             assert authkey not in text, f"authkey found in the {where} of {h.backend.host}"
 
 

@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 from ops import localcluster
+from tests.e2e.conftest import where_secrets_must_not_be
 from tests.waiting import wait_for
 
 PORT = 5000
@@ -60,13 +61,7 @@ def test_private_keys_never_leak_on_the_hosts(master_host, worker_hosts):
     for h in [master_host, *worker_hosts]:
         body = _key_body(h.check_output("cat /etc/taskfleet/tls/node.key"))
         assert len(body) == 48  # the check can see it...
-        places = {
-            "process list": h.check_output("ps -eo args"),
-            "unit files": h.check_output("cat /etc/systemd/system/taskfleet-*.service"),
-            "env files": h.check_output("cat /etc/taskfleet/*.env"),
-            "journal": h.check_output("journalctl --no-pager -o cat -n 5000"),
-        }
-        for where, text in places.items():  # ...and it is nowhere else
+        for where, text in where_secrets_must_not_be(h).items():  # ...and it is nowhere else
             assert body not in text, f"the TLS key found in the {where} of {h.backend.host}"
 
 
