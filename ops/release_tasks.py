@@ -14,6 +14,7 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from ops import artifact
+from ops.confirm import confirm
 from ops.deploy import DEFAULT_INVENTORY, resolve_inventory, run_playbook
 from ops.paths import ROOT
 
@@ -74,10 +75,8 @@ def rollback(c, inventory=DEFAULT_INVENTORY, to=None, batch=DEFAULT_BATCH, yes=F
         extra["taskfleet_rollback_to"] = to
     inv = resolve_inventory(inventory)
     if not yes:
-        target = to or "the previous release"
-        answer = input(f"Roll every host of {inv.name} back to {target}, restarting each agent? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            raise Exit("rollback: not confirmed; nothing changed", 1)
+        confirm(f"Roll every host of {inv.name} back to {to or 'the previous release'}, restarting each agent "
+                "(workers first, in batches)?")
     started = time.monotonic()
     run_playbook(c, "rollback.yml", inv, what="rollback", extra_vars=extra)
     print(f"==> rolled back in {time.monotonic() - started:.1f} s")

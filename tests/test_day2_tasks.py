@@ -42,15 +42,15 @@ def no_playbook(monkeypatch):
         monkeypatch.setattr(module, "run_playbook", play)
 
 
-class _Tty(io.StringIO):
+class Tty(io.StringIO):
     def isatty(self):
         return True
 
 
 def test_confirm_needs_the_answer_typed_back(monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", _Tty("prod\n"))
+    monkeypatch.setattr("sys.stdin", Tty("prod\n"))
     confirm("Remove it all?", answer="prod")
-    monkeypatch.setattr("sys.stdin", _Tty("y\n"))
+    monkeypatch.setattr("sys.stdin", Tty("y\n"))
     with pytest.raises(Exit, match="not confirmed: nothing changed"):
         confirm("Remove it all?", answer="prod")
     assert "Type 'prod' to go on" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from ops import release_tasks
+from tests.test_day2_tasks import Tty
 
 
 @pytest.mark.parametrize("text", ["1", "3", "25%", "100%", " 2 "])
@@ -22,11 +23,11 @@ def test_a_bad_batch_is_one_plain_error(text):
 def test_rollback_asks_first_and_changes_nothing_unless_confirmed(monkeypatch):
     ran = []
     monkeypatch.setattr(release_tasks, "run_playbook", lambda *a, **kw: ran.append((a, kw)))
-    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    monkeypatch.setattr("sys.stdin", Tty("y\n"))  # the answer must be typed in full
     with pytest.raises(Exit) as err:
         release_tasks.rollback(Context())
     assert "not confirmed" in err.value.message and ran == []
-    monkeypatch.setattr("builtins.input", lambda prompt: "yes")
+    monkeypatch.setattr("sys.stdin", Tty("yes\n"))
     release_tasks.rollback(Context(), to="0.1.0+0123456789ab", batch="1")
     (args, kw), = ran
     assert args[1] == "rollback.yml" and kw["extra_vars"] == {"taskfleet_worker_batch": "1",
@@ -34,7 +35,7 @@ def test_rollback_asks_first_and_changes_nothing_unless_confirmed(monkeypatch):
 
 
 def test_rollback_refuses_a_malformed_version_before_asking(monkeypatch):
-    monkeypatch.setattr("builtins.input", lambda prompt: pytest.fail("asked"))
+    monkeypatch.setattr("sys.stdin", Tty(""))  # asked first, it would end "not confirmed" (exit 1)
     with pytest.raises(Exit) as err:
-        release_tasks.rollback(Context(), to="1.0; rm -rf /", yes=True)
+        release_tasks.rollback(Context(), to="1.0; rm -rf /")
     assert err.value.code == 2
