@@ -28,9 +28,10 @@ TEST_REQUIREMENTS = ("pytest", "pytest-timeout", "prometheus-client")
 # pytest's backports for Python < 3.11, named because `pip download --python-version` evaluates
 # dependencies' markers (python_version < "3.11") for the running Python, not the target.
 BACKPORTS = ("exceptiongroup", "tomli", "typing-extensions")
-# What the tests read from the checkout: the agents, the tests, the zipapp builder, pytest's config.
-SHIPPED = ("node", "tests/node", "tests/waiting.py", "ops/__init__.py", "ops/paths.py", "ops/artifact.py",
-           "pyproject.toml")  # fmt: skip
+# What the tests read from the checkout: the agents, the tests and their helpers, the zipapp
+# builder, pytest's config (tests/test_nodetests.py checks every import of tests/node is here).
+SHIPPED = ("node", "tests/node", "tests/waiting.py", "tests/browser.py", "ops/__init__.py", "ops/paths.py",
+           "ops/artifact.py", "pyproject.toml")  # fmt: skip
 REMOTE_DIR = "/var/tmp/taskfleet-node-tests"
 
 

@@ -139,14 +139,23 @@ class Worker:
                     self.outbox_since = 0.0  # due as soon as the master answers again
 
     def add_tasks(self, tasks: list, epoch) -> None:
+        """Tasks from a lease. Leased while draining (the lease was under way as SIGTERM
+        came): handed straight back, as the pool loop may have ended already."""
         with self.lock:
             if epoch != self.epoch:  # leased just before the ledger changed: not ours to run
                 return
-            self.local.extend(tasks)
-            self.holding.update(task[0] for task in tasks)
-            size = sum(len(task[2]) for task in tasks) / len(tasks)
-            self.arg_bytes = size if self.arg_bytes is None else 0.9 * self.arg_bytes + 0.1 * size
-            wake = self.hungry or self.draining.is_set()
+            draining = self.draining.is_set()
+            if draining:
+                self.handback.extend(task[0] for task in tasks)
+                self.link_wake.set()
+            else:
+                self.local.extend(tasks)
+                self.holding.update(task[0] for task in tasks)
+                size = sum(len(task[2]) for task in tasks) / len(tasks)
+                self.arg_bytes = size if self.arg_bytes is None else 0.9 * self.arg_bytes + 0.1 * size
+            wake = self.hungry and not draining
+        if draining:
+            log.info("draining: handing %d task(s) leased as the drain began back to the master", len(tasks))
         if wake:  # else every slot's pipeline is full: the pool takes them as chunks end
             self.wake_pool()
 

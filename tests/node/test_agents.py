@@ -134,6 +134,24 @@ def test_drain_on_sigterm_finishes_running_tasks_and_hands_back_the_rest(agents,
     assert f"worker {draining.text().split(' as ')[1].split()[0]} left" in agents.procs[0].text()
 
 
+
+def test_tasks_leased_as_the_drain_begins_go_back_unrun(agents):
+    """SIGTERM while an idle worker's lease long-polls the master: the tasks that lease
+    brings are handed straight back (the pool loop may have ended), never held until
+    the drain timeout and then counted as a failed attempt."""
+    agents.start_master()
+    draining = agents.start_worker("--drain-timeout", "2s")
+    agents.wait_workers(1)
+    with agents.client() as client:
+        draining.popen.send_signal(signal.SIGTERM)
+        job = client.submit("square", [[i] for i in range(20)])
+        assert draining.wait(30) == 0
+        agents.start_worker()
+        results = job.wait()
+    assert sorted(r.index for r in results) == list(range(20))
+    assert [r.attempts for r in results] == [1] * 20, "handed back unrun: no attempt counted"
+    assert "never acknowledged" not in draining.text()
+
 TUTORIAL_WORKER = '''
 import queue, sys, time
 from multiprocessing.managers import BaseManager
