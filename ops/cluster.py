@@ -203,27 +203,26 @@ def _run_all(
 
 
 def _ensure_boxes(s: lc.Settings) -> None:
-    """Build the missing box of each suite in use (all at once: debootstrap mostly waits on the
-    mirror) and add the boxes Vagrant lacks or has older copies of."""
+    """Build the box of each suite in use that is missing or was built by another
+    ops/lxc-box.sh (all at once: debootstrap mostly waits on the mirror), and add the boxes
+    Vagrant lacks or has older copies of. Running nodes keep the box they were made from."""
     suites = sorted(set(s.suites), key=list(lc.SUITES).index)
     made_by = {x: lc.box_file(x).with_name(lc.box_file(x).name + ".script-sha256") for x in suites}
     logs = {x: lc.box_file(x).with_name(lc.box_file(x).name + ".log") for x in suites}
-    missing = [x for x in suites if not lc.box_file(x).exists()]
+    digest = _script_digest()
+    missing = [
+        x
+        for x in suites
+        if not lc.box_file(x).exists() or not made_by[x].exists() or made_by[x].read_text().strip() != digest
+    ]
     if missing:
-        _say(f"building LXC boxes for {', '.join(missing)} (debootstrap; a minute or two, once)")
+        _say(f"building LXC boxes for {', '.join(missing)} (debootstrap; a minute or two, once per box recipe)")
         took = _run_all(
             "building boxes", {x: ["bash", str(BOX_SCRIPT), x, str(lc.box_file(x))] for x in missing}, logs
         )
         for x in missing:
-            made_by[x].write_text(_script_digest() + "\n")
+            made_by[x].write_text(digest + "\n")
         _say(f"boxes built in {took:.0f} s")
-    for x in suites:
-        if not made_by[x].exists() or made_by[x].read_text().strip() != _script_digest():
-            print(
-                f"cluster: note: {lc.box_file(x).relative_to(ROOT)} was built by an older ops/lxc-box.sh; "
-                "to rebuild it: `invoke cluster.down --purge` then `invoke cluster.up`",
-                file=sys.stderr,
-            )
     stale = []
     for x in suites:
         box_dir = lc.VAGRANT_HOME / "boxes" / lc.box_name(x).replace("/", "-VAGRANTSLASH-")

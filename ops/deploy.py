@@ -166,11 +166,14 @@ def run_playbook(c, playbook: str, inv: Path, *, what: str = "deploy", limit=Non
         "limit": "only these hosts or groups (Ansible --limit pattern, e.g. 'worker1' or 'workers'); "
                  "a new host joins with --limit NEWHOST, changing nothing elsewhere",
         "check": "dry run: show what would change (ansible-playbook --check --diff), change nothing",
+        "full": "run every task on every host, also on hosts unchanged since their last deploy "
+                "(by default those are skipped)",
     }
 )
-def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False):
+def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False, full=False):
     """Deploy the node agents with Ansible (builds the artifact first; workers restart in batches)."""
     inv = resolve_inventory(inventory)
     built = artifact.build()
     print(f"==> built {built.relative_to(ROOT)}")
-    run_playbook(c, "site.yml", inv, limit=limit, check=check)
+    run_playbook(c, "site.yml", inv, limit=limit, check=check,
+                 extra_vars={"taskfleet_skip_unchanged": False} if full else None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -230,6 +231,11 @@ def main(argv=None) -> int:
     p.add_argument("--days", type=int, default=CERT_DAYS)
     p.add_argument("--renew-before", type=float, default=RENEW_BEFORE_DAYS)
     p.add_argument("--bundle", metavar="DEST", help="also write the identity's TLS directory here (0700)")
+    p = sub.add_parser("issue-hosts", help="(re)issue the identities listed on stdin as JSON "
+                       '[{"name": ..., "role": ..., "sans": [...]}, ...] where needed; prints changed or ok')
+    p.add_argument("dir")
+    p.add_argument("--days", type=int, default=CERT_DAYS)
+    p.add_argument("--renew-before", type=float, default=RENEW_BEFORE_DAYS)
     p = sub.add_parser("revoke", help="revoke identities (their serials go into crl.pem); prints changed or ok")
     p.add_argument("dir")
     p.add_argument("names", nargs="+", metavar="NAME")
@@ -238,6 +244,11 @@ def main(argv=None) -> int:
     if args.command == "revoke":
         revoked = [name for name in args.names if ca.revoke(name)]
         print("changed" if revoked else "ok")
+        return 0
+    if args.command == "issue-hosts":
+        hosts = json.load(sys.stdin)
+        issued = [h["name"] for h in hosts if ca.issue(h["name"], h["role"], h["sans"], args.days, args.renew_before)]
+        print("changed" if issued else "ok")
         return 0
     changed = ca.issue(args.name, args.role, args.san, args.days, args.renew_before)
     if args.bundle:

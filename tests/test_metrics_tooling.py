@@ -16,7 +16,7 @@ from ops import inventory as inv
 from ops.paths import ROOT
 
 INVOKE = ROOT / "invoke"
-TEMPLATE = ROOT / "playbooks" / "roles" / "master" / "templates" / "prometheus-scrape.yml.j2"
+TEMPLATE = ROOT / "playbooks" / "roles" / "common" / "templates" / "prometheus-scrape.yml.j2"
 
 
 def inventory(tmp_path, **master_vars):

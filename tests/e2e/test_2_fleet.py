@@ -4,11 +4,13 @@ and a worker host killed mid-job loses nothing."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
 
 from ops.deploy import parse_recap
+from tests.e2e.conftest import host
 
 JOB_SIZE = 240
 
@@ -59,12 +61,40 @@ def test_invoke_logs_reads_each_hosts_journal(fleet, operator):
     assert "==> tf-worker1" in one and "==> tf-master" not in one
 
 
-def test_second_deploy_changes_nothing(operator):
+def hosts_that_ran(output: str, task: str = "common : Create the taskfleet system group") -> set:
+    """The hosts with a result for `task` in ansible-playbook's output: those not skipped as
+    unchanged (the task comes right after the skip)."""
+    section = output.split(f"TASK [{task}]", 1)[1].split("\nTASK [", 1)[0] if f"TASK [{task}]" in output else ""
+    return set(re.findall(r"^(?:ok|changed): \[([^\]]+)\]", section, re.M))
+
+
+def assert_changed(recap: dict, expected: dict) -> None:
+    assert recap, "no PLAY RECAP"
+    assert all(counts["failed"] == 0 and counts["unreachable"] == 0 for counts in recap.values()), recap
+    assert {host: counts["changed"] > 0 for host, counts in recap.items()} == expected, recap
+
+
+def test_second_deploy_runs_every_task_and_changes_nothing(operator, fleet):
+    proc = operator("deploy", "--full")
+    assert hosts_that_ran(proc.stdout) == {h.name for h in fleet.hosts}, "--full skips no host"
+    assert_changed(parse_recap(proc.stdout), {h.name: False for h in fleet.hosts})
+
+
+def test_a_redeploy_skips_unchanged_hosts_and_repairs_drifted_ones(operator, fleet):
+    workers = sorted(h.name for h in fleet.hosts if "workers" in h.groups)
+    edited, stopped = workers[0], workers[-1]
+    operator("deploy")  # every host stamped with this checkout's inputs
     proc = operator("deploy")
-    recap = parse_recap(proc.stdout)
-    assert recap, proc.stdout[-2000:]
-    assert {host: counts["changed"] for host, counts in recap.items()} == {host: 0 for host in recap}
-    assert all(counts["failed"] == 0 and counts["unreachable"] == 0 for counts in recap.values())
+    assert hosts_that_ran(proc.stdout) == set(), "a deploy right after a deploy skips every host"
+    assert_changed(parse_recap(proc.stdout), {h.name: False for h in fleet.hosts})
+
+    host(edited).run_test("echo 'TASKFLEET_DRIFT=1' >> /etc/taskfleet/worker.env")
+    host(stopped).run_test("systemctl stop taskfleet-worker.service")
+    proc = operator("deploy")
+    assert hosts_that_ran(proc.stdout) == {edited, stopped}
+    assert_changed(parse_recap(proc.stdout), {h.name: h.name in (edited, stopped) for h in fleet.hosts})
+    assert "TASKFLEET_DRIFT" not in host(edited).file("/etc/taskfleet/worker.env").content_string
+    assert host(stopped).service("taskfleet-worker.service").is_running
 
 
 def _kill_host(node) -> None:

@@ -5,9 +5,11 @@ Real agents on 127.0.0.1 with real certificates; the CA is made per test in tmp.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from multiprocessing import AuthenticationError
@@ -307,3 +309,23 @@ def test_the_ca_keeps_its_keys_private_and_reissues_only_when_needed(pki, tmp_pa
     [issued] = pki.issued()
     assert (issued.name, issued.role, issued.revoked) == ("h1", "client", False)
     assert 89 < issued.days_left <= 90
+
+
+def test_issue_hosts_issues_the_listed_identities_where_needed(pki):
+    """The deploy's preflight issues every host's certificate in one run: `pki.py issue-hosts`."""
+    script = Path(__file__).resolve().parents[2] / "ops" / "pki.py"
+
+    def issue_hosts(hosts, *opts):
+        return subprocess.run([sys.executable, str(script), "issue-hosts", str(pki.dir), *opts],
+                              input=json.dumps(hosts), capture_output=True, text=True, check=True).stdout.strip()
+
+    hosts = [{"name": "m", "role": "master", "sans": ["m", "10.0.0.1"]},
+             {"name": "w", "role": "worker", "sans": ["w", "10.0.0.2"]}]
+    assert issue_hosts(hosts) == "changed"
+    assert {(i.name, i.role) for i in pki.issued()} == {("m", "master"), ("w", "worker")}
+    assert issue_hosts(hosts) == "ok"
+    serials = {i.name: i.serial for i in pki.issued()}
+    hosts[1]["sans"] = ["w", "10.0.0.3"]
+    assert issue_hosts(hosts) == "changed"
+    assert {i.name: i.serial == serials[i.name] for i in pki.issued()} == {"m": True, "w": False}
+    assert issue_hosts(hosts, "--renew-before", "100") == "changed", "nearing expiry: renewed"
