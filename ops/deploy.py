@@ -23,6 +23,9 @@ VENV_BIN = ROOT / ".venv" / "bin"
 LOG_DIR = CLUSTER_DIR / "logs"
 CONTROL_PATH_DIR = CLUSTER_DIR / "ansible-cp"
 DEFAULT_INVENTORY = "inventory/local"
+# Opt-in: Mitogen's strategy (one Python interpreter kept per host instead of one per task),
+# for every playbook run while TASKFLEET_MITOGEN=1, or a deploy with --mitogen.
+MITOGEN_ENV = "TASKFLEET_MITOGEN"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # "tf-master : ok=12 changed=0 unreachable=0 failed=0 skipped=3 rescued=0 ignored=0"
 RECAP_LINE = re.compile(r"^(?P<host>\S+)\s+:\s+(?P<counts>(?:\w+=\d+\s*)+)$")
@@ -93,8 +96,19 @@ def resolve_inventory(inventory: str) -> Path:
     return inv
 
 
+def mitogen_env() -> dict:
+    """The environment that makes ansible-playbook use Mitogen's linear strategy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ansible_mitogen")
+    if spec is None or not spec.submodule_search_locations:
+        raise Exit("Mitogen is not installed in .venv: run tasks through ./invoke, which installs it.", 2)
+    plugins = Path(list(spec.submodule_search_locations)[0]) / "plugins" / "strategy"
+    return {"ANSIBLE_STRATEGY_PLUGINS": str(plugins), "ANSIBLE_STRATEGY": "mitogen_linear"}
+
+
 def run_playbook(c, playbook: str, inv: Path, *, what: str = "deploy", limit=None, check=False,
-                 extra_vars: dict | None = None) -> dict:
+                 extra_vars: dict | None = None, mitogen: bool = False) -> dict:
     """Run playbooks/PLAYBOOK against `inv` with the pinned ansible-playbook, output streamed
     and kept in .cluster/logs/WHAT-TIMESTAMP.log (0600). Returns the PLAY RECAP; raises Exit
     with one line naming the unreachable or failed hosts, or a leaked authkey."""
@@ -120,8 +134,11 @@ def run_playbook(c, playbook: str, inv: Path, *, what: str = "deploy", limit=Non
     }
     if sys.stdout.isatty():
         env["ANSIBLE_FORCE_COLOR"] = "1"  # colours on the terminal; the log is kept plain
+    if mitogen or os.environ.get(MITOGEN_ENV, "") not in ("", "0"):
+        env.update(mitogen_env())
 
-    print(f"==> {' '.join(cmd)}\n==> full output: {log_path.relative_to(ROOT)}")
+    strategy = " (strategy: mitogen_linear)" if "ANSIBLE_STRATEGY" in env else ""
+    print(f"==> {' '.join(cmd)}{strategy}\n==> full output: {log_path.relative_to(ROOT)}")
     started = time.monotonic()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as log, c.cd(str(ROOT)):
@@ -168,12 +185,14 @@ def run_playbook(c, playbook: str, inv: Path, *, what: str = "deploy", limit=Non
         "check": "dry run: show what would change (ansible-playbook --check --diff), change nothing",
         "full": "run every task on every host, also on hosts unchanged since their last deploy "
                 "(by default those are skipped)",
+        "mitogen": "run Ansible with Mitogen's strategy (about 3x faster on many hosts; TASKFLEET_MITOGEN=1 "
+                   "does so for every playbook run)",
     }
 )
-def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False, full=False):
+def deploy(c, inventory=DEFAULT_INVENTORY, limit=None, check=False, full=False, mitogen=False):
     """Deploy the node agents with Ansible (builds the artifact first; workers restart in batches)."""
     inv = resolve_inventory(inventory)
     built = artifact.build()
     print(f"==> built {built.relative_to(ROOT)}")
     run_playbook(c, "site.yml", inv, limit=limit, check=check,
-                 extra_vars={"taskfleet_skip_unchanged": False} if full else None)
+                 extra_vars={"taskfleet_skip_unchanged": False} if full else None, mitogen=mitogen)
