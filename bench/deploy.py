@@ -32,13 +32,13 @@ def invoke(*args: str, workers: int, mitogen: bool = False) -> str:
         env["TASKFLEET_MITOGEN"] = "1"
     proc = subprocess.run([str(ROOT / "invoke"), *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"bench: invoke {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        tail = (proc.stdout[-2000:] + proc.stderr[-2000:]).strip()
+        sys.exit(f"bench: invoke {' '.join(args)} exited {proc.returncode}:\n{tail}")
     return proc.stdout
 
 
 def playbook_seconds(output: str) -> float:
-    rc, seconds = PLAYBOOK_TIME.findall(output)[-1]
-    return float(seconds)
+    return float(PLAYBOOK_TIME.findall(output)[-1][1])
 
 
 def measure(hosts: int, mitogen: bool) -> dict:
