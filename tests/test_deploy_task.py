@@ -168,3 +168,9 @@ def test_the_no_log_guard_catches_a_leaky_task():
              {"name": "About the authkey, touching nothing", "ansible.builtin.debug": {"msg": "hi"}},
              {"name": "Copy a private key", "ansible.builtin.copy": {"src": "issued/h.key", "dest": "/x/node.key"}}]
     assert _authkey_tasks_without_no_log(_tasks(leaky)) == ["Show it", "Explicitly logged", "Copy a private key"]
+
+
+def test_the_mitogen_opt_in_points_ansible_at_its_strategy():
+    env = deploy.mitogen_env()
+    assert env["ANSIBLE_STRATEGY"] == "mitogen_linear"
+    assert (Path(env["ANSIBLE_STRATEGY_PLUGINS"]) / "mitogen_linear.py").is_file()

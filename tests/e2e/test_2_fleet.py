@@ -80,6 +80,13 @@ def test_second_deploy_runs_every_task_and_changes_nothing(operator, fleet):
     assert_changed(parse_recap(proc.stdout), {h.name: False for h in fleet.hosts})
 
 
+def test_a_deploy_with_mitogen_runs_every_task_and_changes_nothing(operator, fleet):
+    proc = operator("deploy", "--mitogen", "--full")
+    assert "(strategy: mitogen_linear)" in proc.stdout
+    assert hosts_that_ran(proc.stdout) == {h.name for h in fleet.hosts}
+    assert_changed(parse_recap(proc.stdout), {h.name: False for h in fleet.hosts})
+
+
 def test_a_redeploy_skips_unchanged_hosts_and_repairs_drifted_ones(operator, fleet):
     workers = sorted(h.name for h in fleet.hosts if "workers" in h.groups)
     edited, stopped = workers[0], workers[-1]
