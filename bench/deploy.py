@@ -7,7 +7,9 @@ For each size N (the master and N-1 workers): `invoke cluster.up` with TASKFLEET
 --mitogen): `invoke reset --purge-data --yes` (a cold start: no user, release, unit or key on
 any host), a cold `invoke deploy`, and a no-change re-run. The figures are ansible-playbook's
 own run time as `invoke deploy` reports it (the artifact build is not counted), and the ratios
-the goals are stated in: cold(N) / cold(smallest N), re-run / cold. Leaves the last cluster up.
+the goals are stated in: cold(N) / cold(smallest N), re-run / cold; and the CPU time a cold
+deploy took: the whole machine's (the containers, so the hosts, included) and the controller's
+(invoke, ansible-playbook and its forks, ssh). Leaves the last cluster up.
 Run it on an idle machine: every container shares the controller's CPUs.
 """
 
@@ -17,12 +19,25 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAYBOOK_TIME = re.compile(r"==> ansible-playbook exited (\d+) after ([\d.]+) s")
+
+
+def busy_seconds() -> float:
+    """CPU time the whole machine has spent busy (all CPUs, containers included), from /proc/stat."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in open("/proc/stat").readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_seconds() -> float:
+    """CPU time of this process's finished children (invoke, ansible-playbook, its forks, ssh)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def invoke(*args: str, workers: int, mitogen: bool = False) -> str:
@@ -43,9 +58,12 @@ def playbook_seconds(output: str) -> float:
 
 def measure(hosts: int, mitogen: bool) -> dict:
     invoke("reset", "--purge-data", "--yes", workers=hosts - 1)
+    busy, controller = busy_seconds(), children_seconds()
     cold = playbook_seconds(invoke("deploy", workers=hosts - 1, mitogen=mitogen))
+    busy, controller = busy_seconds() - busy, children_seconds() - controller
     rerun = playbook_seconds(invoke("deploy", workers=hosts - 1, mitogen=mitogen))
-    return {"hosts": hosts, "strategy": "mitogen_linear" if mitogen else "linear", "cold_s": cold, "rerun_s": rerun}
+    return {"hosts": hosts, "strategy": "mitogen_linear" if mitogen else "linear", "cold_s": cold, "rerun_s": rerun,
+            "cold_cpu_s": round(busy, 1), "cold_controller_cpu_s": round(controller, 1)}
 
 
 def main() -> None:
@@ -65,13 +83,14 @@ def main() -> None:
             rows.append(measure(n, mitogen))
             print(f"bench: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"{'hosts':>5}  {'strategy':<15} {'cold s':>7} {'re-run s':>8}  {'cold / cold(' + str(sizes[0]) + ')':>15}"
-          f"  {'re-run / cold':>13}")
+          f"  {'re-run / cold':>13}  {'cold CPU s: all':>15} {'controller':>10}")
     for row in rows:
         base = next(r for r in rows if r["hosts"] == sizes[0] and r["strategy"] == row["strategy"])
         row["cold_ratio"] = round(row["cold_s"] / base["cold_s"], 2)
         row["rerun_ratio"] = round(row["rerun_s"] / row["cold_s"], 2)
         print(f"{row['hosts']:>5}  {row['strategy']:<15} {row['cold_s']:>7.1f} {row['rerun_s']:>8.1f}"
-              f"  {row['cold_ratio']:>15.2f}  {row['rerun_ratio']:>13.2f}")
+              f"  {row['cold_ratio']:>15.2f}  {row['rerun_ratio']:>13.2f}"
+              f"  {row['cold_cpu_s']:>15.1f} {row['cold_controller_cpu_s']:>10.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

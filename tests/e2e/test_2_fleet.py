@@ -62,10 +62,10 @@ def test_invoke_logs_reads_each_hosts_journal(fleet, operator):
 
 
 def hosts_that_ran(output: str, task: str = "common : Create the taskfleet system group") -> set:
-    """The hosts with a result for `task` in ansible-playbook's output: those not skipped as
-    unchanged (the task comes right after the skip)."""
-    section = output.split(f"TASK [{task}]", 1)[1].split("\nTASK [", 1)[0] if f"TASK [{task}]" in output else ""
-    return set(re.findall(r"^(?:ok|changed): \[([^\]]+)\]", section, re.M))
+    """The hosts with a result for `task` in ansible-playbook's output (in every play and
+    batch that ran it): those not skipped as unchanged (the task comes right after the skip)."""
+    sections = [part.split("\nTASK [", 1)[0] for part in output.split(f"TASK [{task}]")[1:]]
+    return {host for section in sections for host in re.findall(r"^(?:ok|changed): \[([^\]]+)\]", section, re.M)}
 
 
 def assert_changed(recap: dict, expected: dict) -> None:
