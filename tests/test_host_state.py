@@ -29,7 +29,7 @@ def tree(tmp_path):
     return tmp_path
 
 
-def probe(tree: Path, record: str = "") -> dict:
+def probe(tree: Path, record: str = "", check: bool = True):
     spec = {
         "roots": [str(tree / "etc"), str(tree / "opt"), str(tree / "unit.service")],
         "shallow": [str(tree / "var")],
@@ -40,9 +40,9 @@ def probe(tree: Path, record: str = "") -> dict:
         "stamp": str(tree / "opt" / "deployed"),
         "record": record,
     }
-    out = subprocess.run([sys.executable, "-c", SCRIPT.read_text(), json.dumps(spec)],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out)
+    run = subprocess.run([sys.executable, "-c", SCRIPT.read_text(), json.dumps(spec)],
+                         capture_output=True, text=True, check=check)
+    return json.loads(run.stdout) if check else run
 
 
 def test_the_digest_is_stable_and_ignores_the_state_dirs_contents(tree):
@@ -76,3 +76,13 @@ def test_record_writes_the_stamp_and_the_stamp_is_not_part_of_the_state(tree):
     again = probe(tree)
     assert again == {"stamp": f"inputs123 {recorded['state']}", "state": recorded["state"]}
     assert not (tree / "opt" / "deployed.tmp").exists()
+
+
+def test_a_stamp_that_cannot_be_written_is_one_line_and_leaves_nothing_behind(tree):
+    (tree / "opt" / "deployed").mkdir()  # in the way
+    before = probe(tree)
+    run = probe(tree, record="inputs123", check=False)
+    assert run.returncode == 1
+    assert run.stderr.strip().startswith(f"cannot write the stamp {tree / 'opt' / 'deployed'}:")
+    assert not (tree / "opt" / "deployed.tmp").exists()
+    assert probe(tree) == before

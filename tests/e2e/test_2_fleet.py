@@ -104,6 +104,23 @@ def test_a_redeploy_skips_unchanged_hosts_and_repairs_drifted_ones(operator, fle
     assert host(stopped).service("taskfleet-worker.service").is_running
 
 
+def test_a_stamp_that_cannot_be_written_is_said_and_the_next_deploy_runs_in_full(operator, fleet):
+    worker = sorted(h.name for h in fleet.hosts if "workers" in h.groups)[0]
+    stamp = "/opt/taskfleet/deployed"
+    host(worker).run_test(f"rm -f {stamp} && mkdir {stamp}")  # in the way of the stamp
+    try:
+        for _ in range(2):
+            proc = operator("deploy")
+            assert worker in hosts_that_ran(proc.stdout), "no stamp: deployed in full"
+            said = " ".join(proc.stdout.split())
+            assert f"{worker} is deployed, but its stamp {stamp} could not be written" in said, said[-3000:]
+            assert_changed(parse_recap(proc.stdout), {h.name: False for h in fleet.hosts})
+    finally:
+        host(worker).run_test(f"rmdir {stamp}")
+    operator("deploy")
+    assert hosts_that_ran(operator("deploy").stdout) == set(), "stamped again, skipped again"
+
+
 def _kill_host(node) -> None:
     """Stop the container at once and cut its link (its netns can outlive it)."""
     subprocess.run(["lxc-stop", "-k", "-n", node.container], check=True, capture_output=True)

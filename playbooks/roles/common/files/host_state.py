@@ -9,7 +9,8 @@ the host's own Python (>= 3.9, standard library only). One argument, JSON:
   units   systemd units: load, active and enablement state
   nft     an nftables table (family name), listed without counters; "" for none
   stamp   the stamp file
-  record  when given: write "RECORD STATE" to the stamp (atomically, root 0600)
+  record  when given: write "RECORD STATE" to the stamp (atomically, root 0600); exit 1
+          with one line if it cannot
 Prints one JSON line: {"stamp": what the stamp file held before, "state": sha256 hex}.
 A host whose stamp is "INPUTS STATE" with the controller's inputs and the state printed now
 is as the last deploy with those inputs left it.
@@ -49,7 +50,7 @@ def _walk(root, out, stamp):
             dirs.sort()
             for name in sorted(dirs + files):
                 path = os.path.join(top, name)
-                if path != stamp:
+                if path not in (stamp, stamp + ".tmp"):
                     _entry(path, out, stamp)
 
 
@@ -98,10 +99,15 @@ def main():
     now = state(spec)
     if spec.get("record"):
         tmp = spec["stamp"] + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{spec['record']} {now}\n")
-        os.rename(tmp, spec["stamp"])
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{spec['record']} {now}\n")
+            os.rename(tmp, spec["stamp"])
+        except OSError as e:
+            if os.path.isfile(tmp):
+                os.unlink(tmp)
+            sys.exit(f"cannot write the stamp {spec['stamp']}: {e.strerror}")
     print(json.dumps({"stamp": before, "state": now}))
 
 
