@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 from ops import localcluster
+from ops.deploy import parse_recap
 from tests.e2e.conftest import where_secrets_must_not_be
 from tests.waiting import wait_for
 
@@ -148,3 +149,15 @@ def test_a_revoked_worker_is_locked_out_at_once_and_comes_back_with_a_new_certif
     wait_for(lambda: victim in {w["host"] for w in client.status()["workers"] if w["alive"]}, 60,
              f"{victim} to rejoin with its new certificate")
     assert any(line.startswith(victim) and "valid" in line for line in operator("certs.status").stdout.splitlines())
+
+
+def test_a_firewall_emptied_by_hand_is_restored_by_the_next_deploy(master_host, operator):
+    table = "nft -s list table inet taskfleet"
+    loaded = master_host.check_output(table)
+    assert "@allowed4" in loaded, loaded
+    master_host.run_test("nft flush table inet taskfleet")
+    assert "@allowed4" not in master_host.check_output(table), "the table's rules are gone"
+    proc = operator("deploy")
+    assert master_host.check_output(table) == loaded
+    assert parse_recap(proc.stdout)["tf-master"]["changed"] >= 1, "the repair is reported"
+    assert parse_recap(operator("deploy").stdout)["tf-master"]["changed"] == 0
