@@ -93,7 +93,7 @@ class Master:
         if identity.role != "worker":
             return
         try:
-            given = inspect.signature(getattr(self, method)).bind(*args, **kwargs).arguments
+            given = _SIGNATURES[method].bind(None, *args, **kwargs).arguments
         except TypeError as exc:
             raise PermissionError(f"{identity}: {method} with bad arguments ({exc})") from None
         worker, host = given.get("worker"), given.get("host", identity.name)
@@ -417,6 +417,10 @@ def _as_list(value) -> list:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"expected a list, got {type(value).__name__}")
     return list(value)
+
+
+# The worker calls' signatures, read once: `authorize` binds every worker call's arguments.
+_SIGNATURES = {name: inspect.signature(getattr(Master, name)) for name in WORKER_CALLS}
 
 
 def _classic_authorize(identity, method, args, kwargs) -> None:

@@ -76,9 +76,10 @@ class Server:
     def __init__(self, address: tuple[str, int], authkey, services: list[Service], *,
                  max_connections: int = MAX_CONNECTIONS, max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  tls: tlsmod.TLS | None = None):
+        """`authkey`: a wire.Keyring, or the one key (bytes). `tls`: node.tls.TLS (server
+        side) to speak only TLS, or None for plaintext."""
         self.tls = tls
         self.tls_checked = time.monotonic()
-        """`authkey`: a wire.Keyring, or the one key (bytes)."""
         self.keyring = wire.Keyring.of(authkey)
         self.key_ids = [wire.fingerprint(k) for k in self.keyring.keys()]  # the ring last seen, in order
         self.local = threading.local()  # .key_id: the key of the connection this thread serves
