@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,6 +54,13 @@ def run_invoke(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         pytest.fail(f"invoke {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def play_runs(output: str, play: str) -> list[set]:
+    """Each run of the play named `play` in ansible-playbook's output (one per batch), as the
+    set of hosts with a task result in it; a play that matched no hosts is an empty set."""
+    runs = [part for part in ("\n" + output).split("\nPLAY ")[1:] if part.startswith(f"[{play}]")]
+    return [set(re.findall(r"^(?:ok|changed|skipping|failed|fatal): \[([^\]\s]+)", run, re.M)) for run in runs]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import threading
 import time
 
 from ops.deploy import parse_recap
-from tests.e2e.conftest import host
+from tests.e2e.conftest import host, play_runs
 
 JOB_SIZE = 240
 
@@ -78,6 +78,12 @@ def test_second_deploy_runs_every_task_and_changes_nothing(operator, fleet):
     proc = operator("deploy", "--full")
     assert hosts_that_ran(proc.stdout) == {h.name for h in fleet.hosts}, "--full skips no host"
     assert_changed(parse_recap(proc.stdout), {h.name: False for h in fleet.hosts})
+    # Installed workers roll in batches of 25% (at least one), none as new.
+    workers = {h.name for h in fleet.hosts if "workers" in h.groups}
+    batches, size = play_runs(proc.stdout, "Deploy the installed workers, in batches"), max(1, len(workers) // 4)
+    assert set().union(*batches) == workers and len(batches) == -(-len(workers) // size), batches
+    assert all(len(b) <= size for b in batches), batches
+    assert play_runs(proc.stdout, "Install the new workers, all at once") == [set()]
 
 
 def test_a_deploy_with_mitogen_runs_every_task_and_changes_nothing(operator, fleet):

@@ -18,7 +18,7 @@ from node import wire
 from node.client import Client
 from ops.deploy import LOG_DIR, parse_recap
 from ops.paths import ROOT
-from tests.e2e.conftest import host
+from tests.e2e.conftest import host, play_runs
 from tests.waiting import wait_for
 
 LEFT_BEHIND = ["/etc/taskfleet", "/opt/taskfleet", "/etc/systemd/system/taskfleet-master.service",
@@ -140,7 +140,11 @@ def test_reset_with_purge_data_leaves_nothing_and_a_deploy_starts_afresh(fleet, 
         for h in fleet.hosts:
             nothing_left(host(h.name), keep_state=False)
     finally:
-        operator("deploy")
+        deployed = operator("deploy")
+    # Workers with nothing installed run nothing: all of them at once, no batches.
+    workers = {h.name for h in fleet.hosts if "workers" in h.groups}
+    assert play_runs(deployed.stdout, "Install the new workers, all at once") == [workers]
+    assert play_runs(deployed.stdout, "Deploy the installed workers, in batches") == [set()]
     with Client.connect(fleet.master_address, str(fleet.authkey_file), tls=fleet.tls_dir()) as client:
         assert client.status()["tasks"]["jobs"] == 0
         try:

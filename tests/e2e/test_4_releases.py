@@ -27,7 +27,7 @@ from ops import artifact, inventory, localcluster
 from ops.deploy import parse_recap
 from ops.paths import LOCAL_INVENTORY, ROOT
 from tests import waiting
-from tests.e2e.conftest import INVOKE, host, run_invoke
+from tests.e2e.conftest import INVOKE, host, play_runs, run_invoke
 
 wait_for = partial(waiting.wait_for, interval=0.5)
 TASK_SECONDS = 0.05  # `sleep` tasks: no CPU, so the rate measures slots, not this shared machine
@@ -178,6 +178,28 @@ def test_a_failed_batch_stops_the_rollout_and_the_rest_keep_their_release(on_thi
     master_version, alive = fleet_versions(client)
     assert master_version == bad and alive == {w: old for w in workers[1:]}
     running.finish()
+
+
+def test_a_failed_new_worker_stops_the_deploy_before_the_installed_workers_roll(on_this_tree, tmp_path, fleet,
+                                                                                client):
+    """A worker with no unit yet is installed with the new ones, all at once, before the
+    installed workers roll: a release it cannot start on fails there, and the installed
+    workers are never touched."""
+    old, workers = on_this_tree, workers_of(fleet)
+    new_one, installed = workers[0], workers[1:]
+    host(new_one).run_test("systemctl disable --now taskfleet-worker.service"
+                           " && rm /etc/systemd/system/taskfleet-worker.service && systemctl daemon-reload")
+    bad = variant_build(tmp_path, worker_line='raise SystemExit("e2e: this release cannot run a worker")\n')
+    cmd = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(LOCAL_INVENTORY), "playbooks/upgrade.yml",
+           "-e", "taskfleet_rejoin_timeout=20"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-3000:])
+    recap = parse_recap(proc.stdout)
+    assert proc.returncode != 0 and recap[new_one]["failed"] == 1, proc.stdout[-3000:]
+    assert play_runs(proc.stdout, "Install the new workers, all at once") == [{new_one}]
+    assert play_runs(proc.stdout, "Deploy the installed workers, in batches") == [], "the rollout went on"
+    assert current_release([new_one, *installed]) == {new_one: bad, **{w: old for w in installed}}
+    assert fleet_versions(client) == (bad, {w: old for w in installed})
 
 
 def test_a_release_on_a_host_is_never_overwritten_with_other_bytes(on_this_tree, tmp_path, fleet):
