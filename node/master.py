@@ -50,10 +50,11 @@ FAILED_SCAN_PAGES = 50  # pages of results `results(failed_only=True)` reads at 
 WORKER_CALLS = ("hello", "heartbeat", "goodbye", "lease", "complete", "release")
 CLIENT_CALLS = ("submit", "withdraw", "job", "results", "status")
 ADMIN_CALLS = ("forget",)
-# A certificate's role -> its calls. The master's own identity is its host's operator
-# (the playbooks ask status and forget on the master host): client and admin calls.
+# A certificate's role -> its calls. An operator (admin) never acts as a worker: only a
+# worker's own certificate can lease or complete its tasks. The master's own identity is its
+# host's operator (the playbooks ask status and forget on the master host).
 ROLE_CALLS = {"worker": frozenset(WORKER_CALLS), "client": frozenset(CLIENT_CALLS),
-              "admin": frozenset(WORKER_CALLS + CLIENT_CALLS + ADMIN_CALLS),
+              "admin": frozenset(CLIENT_CALLS + ADMIN_CALLS),
               "master": frozenset(CLIENT_CALLS + ADMIN_CALLS)}
 CLASSIC_ROLES = frozenset({"client", "admin"})  # who may use the tutorial's queues over TLS
 CLASSIC_METHODS = frozenset({"put", "get", "put_nowait", "get_nowait", "qsize", "empty", "full",

@@ -250,6 +250,10 @@ def test_roles_hold_clients_cannot_work_and_workers_act_only_as_themselves(tls_a
 
     admin = caller(agents, tmp_path / "admin")
     assert admin.call("status")["tasks"]["queued"] == 1
+    with pytest.raises(PermissionError, match="admin root may not call complete"):  # operators never act as workers
+        admin.call("complete", "root-1-abc", "root", [(1, True, b"", None, 0.0)])
+    with pytest.raises(PermissionError, match="may not call lease"):
+        admin.call("lease", "root-1-abc", 1)
     assert "may not call complete" in master.text()
     with agents.client() as client:
         assert client.job(job.id).info["done"] == 0, "the forged result changed nothing"
