@@ -26,11 +26,22 @@ def _ca(fleet: inv.Fleet) -> CA:
     return CA(ca_dir)
 
 
+def _renew_days(host: inv.Host) -> float:
+    """How close to its expiry a deploy renews this host's certificate: the inventory's
+    taskfleet_cert_renew_days (a plain number), else the roles' default."""
+    try:
+        return float(host.vars.get("taskfleet_cert_renew_days", RENEW_BEFORE_DAYS))
+    except (TypeError, ValueError):
+        return RENEW_BEFORE_DAYS
+
+
 @task(help={"inventory": INVENTORY_HELP})
 def status(c, inventory=DEFAULT_INVENTORY):
     """List each TLS identity: host, role, expiry, and whether it is revoked."""
     fleet = inv.load(resolve_inventory(inventory))
     issued = {i.name: i for i in _ca(fleet).issued()}
+    # The controller's identities are renewed with the preflight's first host: the master.
+    renew_days = {h.name: _renew_days(h) for h in fleet.hosts}
     rows = [("NAME", "ROLE", "EXPIRES (UTC)", "DAYS LEFT", "STATE")]
     names = [h.name for h in fleet.hosts] + sorted(n for n in issued if n not in {h.name for h in fleet.hosts})
     for name in names:
@@ -38,7 +49,7 @@ def status(c, inventory=DEFAULT_INVENTORY):
         if cert is None:
             rows.append((name, "-", "-", "-", "none (revoked, or not deployed yet)"))
             continue
-        renew = cert.days_left <= RENEW_BEFORE_DAYS
+        renew = cert.days_left <= renew_days.get(name, renew_days[fleet.hosts[0].name])
         state = "revoked" if cert.revoked else ("renewed at next deploy" if renew else "valid")
         rows.append((name, cert.role, f"{cert.not_after:%Y-%m-%d %H:%M}", f"{cert.days_left:.0f}", state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -9,8 +9,9 @@ import pytest
 from invoke import Context
 from invoke.exceptions import Exit
 
-from ops import deploy, key, reset, worker
+from ops import certs, deploy, key, reset, worker
 from ops.confirm import confirm
+from ops.pki import CA
 
 INVENTORY = """\
 all:
@@ -96,3 +97,19 @@ def test_the_leak_check_covers_the_next_key_during_a_rotation(inventory):
     assert deploy._leaked_authkey(inventory, "x " + "b" * 64)
     assert deploy._leaked_authkey(inventory, "a" * 64)
     assert not deploy._leaked_authkey(inventory, "fingerprints only: 1234abcd")
+
+
+def test_certs_status_says_renewal_as_the_inventory_sets_it(inventory, capsys):
+    """A certificate with 90 days left is due for renewal where the inventory renews 100
+    days ahead (all hosts), and not where a host var says 10."""
+    (inventory / "group_vars").mkdir()
+    (inventory / "group_vars" / "all.yml").write_text("taskfleet_cert_renew_days: 100\n")
+    (inventory / "host_vars").mkdir()
+    (inventory / "host_vars" / "w2.yml").write_text("taskfleet_cert_renew_days: 10\n")
+    ca = CA.create(inventory / "secrets" / "tls")
+    for name, role in [("m1", "master"), ("w1", "worker"), ("w2", "worker"), ("controller-client", "client")]:
+        ca.issue(name, role, days=90)
+    certs.status(Context(), inventory=str(inventory))
+    state = {line.split()[0]: line.split(None, 5)[5] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert state == {"m1": "renewed at next deploy", "w1": "renewed at next deploy", "w2": "valid",
+                     "controller-client": "renewed at next deploy"}, state
