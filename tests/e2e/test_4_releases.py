@@ -202,6 +202,32 @@ def test_a_failed_new_worker_stops_the_deploy_before_the_installed_workers_roll(
     assert fleet_versions(client) == (bad, {w: old for w in installed})
 
 
+def test_in_a_batch_each_worker_is_judged_by_its_own_join(on_this_tree, fleet):
+    """One batch of every worker, one of which starts but never joins: the master's status is
+    read for the whole batch, and only that worker fails, named; the others pass."""
+    workers = workers_of(fleet)
+    broken = workers[0]
+    dropin = "/etc/systemd/system/taskfleet-worker.service.d/e2e-never-joins.conf"
+    host(broken).run_test(f"mkdir -p {os.path.dirname(dropin)} && printf '[Service]\\nType=simple\\nWatchdogSec=0"
+                          f"\\nExecStart=\\nExecStart=/bin/sleep infinity\\n' > {dropin}"
+                          " && systemctl daemon-reload && systemctl stop taskfleet-worker.service")
+    try:
+        cmd = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(LOCAL_INVENTORY),
+               "playbooks/site.yml", "-e", "taskfleet_worker_batch=100%", "-e", "taskfleet_rejoin_timeout=10",
+               "-e", "taskfleet_skip_unchanged=false"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        sys.stdout.write(proc.stdout[-3000:])
+    finally:
+        host(broken).run_test(f"rm -f {dropin} && systemctl daemon-reload"
+                              " && systemctl restart taskfleet-worker.service")
+    recap = parse_recap(proc.stdout)
+    assert proc.returncode != 0 and recap[broken]["failed"] == 1, proc.stdout[-3000:]
+    assert all(recap[h]["failed"] == 0 for h in ["tf-master", *workers[1:]]), recap
+    assert play_runs(proc.stdout, "Deploy the installed workers, in batches") == [set(workers)]
+    said = " ".join(proc.stdout.split())
+    assert f"{broken}: the master did not show its worker on {on_this_tree} within 10 s" in said, said[-3000:]
+
+
 def test_a_release_on_a_host_is_never_overwritten_with_other_bytes(on_this_tree, tmp_path, fleet):
     workers = workers_of(fleet)
     new = variant_build(tmp_path)
