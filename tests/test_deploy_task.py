@@ -170,6 +170,30 @@ def test_the_no_log_guard_catches_a_leaky_task():
     assert _authkey_tasks_without_no_log(_tasks(leaky)) == ["Show it", "Explicitly logged", "Copy a private key"]
 
 
+def _delegated_per_host(tasks) -> list:
+    """Names of tasks delegated to an inventory host (not the controller) once per host of the
+    play: N hosts at once open N sessions on one connection to it, and sshd refuses those past
+    its MaxSessions (10) as UNREACHABLE. Such a task must run once (per batch)."""
+    found = []
+    for task, _ in tasks:
+        applied = [v.get("apply", {}) for k, v in task.items() if k.endswith("include_role") and isinstance(v, dict)]
+        for spot in [task, *applied]:
+            if spot.get("delegate_to") not in (None, "localhost") and spot.get("run_once") is not True:
+                found.append(task.get("name", "?"))
+    return found
+
+
+def test_tasks_delegated_to_a_host_run_once_per_batch():
+    tasks = [t for path in TASK_FILES for t in _tasks(yaml.safe_load(path.read_text()))]
+    assert len([1 for task, _ in tasks if "taskfleet_master_group][0]" in str(task.get("delegate_to", ""))]) >= 1
+    assert _delegated_per_host(tasks) == []
+    per_host = [{"name": "Ask the master", "ansible.builtin.command": {"cmd": "x"}, "delegate_to": "{{ m }}"},
+                {"name": "Once", "ansible.builtin.command": {"cmd": "x"}, "delegate_to": "{{ m }}", "run_once": True},
+                {"name": "On the controller", "ansible.builtin.stat": {"path": "/"}, "delegate_to": "localhost"},
+                {"name": "Role per host", "ansible.builtin.include_role": {"name": "r", "apply": {"delegate_to": "m"}}}]
+    assert _delegated_per_host(_tasks(per_host)) == ["Ask the master", "Role per host"]
+
+
 def test_the_mitogen_opt_in_points_ansible_at_its_strategy():
     env = deploy.mitogen_env()
     assert env["ANSIBLE_STRATEGY"] == "mitogen_linear"
