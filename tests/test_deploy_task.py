@@ -151,8 +151,13 @@ def _authkey_tasks_without_no_log(tasks) -> list:
 TASK_FILES = sorted([*ROLES.glob("*/tasks/*.yml"), *ROLES.glob("*/handlers/*.yml"), *PLAYBOOKS.glob("*.yml")])
 
 
+def _project_tasks() -> list:
+    """Every task of the roles and playbooks, with its inherited no_log."""
+    return [t for path in TASK_FILES for t in _tasks(yaml.safe_load(path.read_text()))]
+
+
 def test_every_task_touching_a_secret_is_no_log():
-    tasks = [t for path in TASK_FILES for t in _tasks(yaml.safe_load(path.read_text()))]
+    tasks = _project_tasks()
     assert len(tasks) > 30, "the walker found too few tasks: it has lost track of the playbooks' layout"
     assert len([1 for task, _ in tasks if "authkey" in yaml.safe_dump(task)]) >= 6
     assert len([1 for task, _ in tasks if "node.key" in yaml.safe_dump(task)]) >= 1
@@ -184,7 +189,7 @@ def _delegated_per_host(tasks) -> list:
 
 
 def test_tasks_delegated_to_a_host_run_once_per_batch():
-    tasks = [t for path in TASK_FILES for t in _tasks(yaml.safe_load(path.read_text()))]
+    tasks = _project_tasks()
     assert len([1 for task, _ in tasks if "taskfleet_master_group][0]" in str(task.get("delegate_to", ""))]) >= 1
     assert _delegated_per_host(tasks) == []
     per_host = [{"name": "Ask the master", "ansible.builtin.command": {"cmd": "x"}, "delegate_to": "{{ m }}"},

@@ -43,6 +43,19 @@ def assert_exactly_one_result_each(results, total):
     assert not failed, failed[:3]
 
 
+CANNOT_RUN_A_WORKER = 'raise SystemExit("e2e: this release cannot run a worker")\n'  # variant_build's worker_line
+
+
+def plain_playbook(playbook: str, **extra_vars) -> subprocess.CompletedProcess:
+    """Run playbooks/PLAYBOOK with ansible-playbook itself (not ./invoke) on the local
+    inventory, each extra var as `-e KEY=VALUE`; echo the tail of its output."""
+    cmd = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(LOCAL_INVENTORY), f"playbooks/{playbook}",
+           *(arg for key, value in extra_vars.items() for arg in ("-e", f"{key}={value}"))]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-3000:])
+    return proc
+
+
 def variant_build(tmp_path, worker_line: str = "") -> str:
     """Build a second release (this tree plus a comment, and `worker_line` at the end of
     node/worker/__init__.py) into dist/; return its version."""
@@ -163,13 +176,10 @@ def test_a_failed_batch_stops_the_rollout_and_the_rest_keep_their_release(on_thi
     """Plain ansible-playbook, a release whose worker cannot start: the master takes it, the
     first batch fails, and the workers after it are never touched; the job goes on."""
     old, workers = on_this_tree, workers_of(fleet)
-    bad = variant_build(tmp_path, worker_line='raise SystemExit("e2e: this release cannot run a worker")\n')
+    bad = variant_build(tmp_path, worker_line=CANNOT_RUN_A_WORKER)
     running = Running(client, tasks=600)
     wait_for(lambda: len(running.seen) > 0, 60, "the job's first results")
-    cmd = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(LOCAL_INVENTORY), "playbooks/upgrade.yml",
-           "-e", "taskfleet_worker_batch=1", "-e", "taskfleet_rejoin_timeout=20"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    sys.stdout.write(proc.stdout[-3000:])
+    proc = plain_playbook("upgrade.yml", taskfleet_worker_batch=1, taskfleet_rejoin_timeout=20)
     recap = parse_recap(proc.stdout)
     assert proc.returncode != 0 and recap[workers[0]]["failed"] == 1, proc.stdout[-3000:]
     assert all(recap[h]["failed"] == 0 for h in ["tf-master", *workers[1:]]), recap
@@ -189,11 +199,8 @@ def test_a_failed_new_worker_stops_the_deploy_before_the_installed_workers_roll(
     new_one, installed = workers[0], workers[1:]
     host(new_one).run_test("systemctl disable --now taskfleet-worker.service"
                            " && rm /etc/systemd/system/taskfleet-worker.service && systemctl daemon-reload")
-    bad = variant_build(tmp_path, worker_line='raise SystemExit("e2e: this release cannot run a worker")\n')
-    cmd = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(LOCAL_INVENTORY), "playbooks/upgrade.yml",
-           "-e", "taskfleet_rejoin_timeout=20"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    sys.stdout.write(proc.stdout[-3000:])
+    bad = variant_build(tmp_path, worker_line=CANNOT_RUN_A_WORKER)
+    proc = plain_playbook("upgrade.yml", taskfleet_rejoin_timeout=20)
     recap = parse_recap(proc.stdout)
     assert proc.returncode != 0 and recap[new_one]["failed"] == 1, proc.stdout[-3000:]
     assert play_runs(proc.stdout, "Install the new workers, all at once") == [{new_one}]
@@ -212,11 +219,8 @@ def test_in_a_batch_each_worker_is_judged_by_its_own_join(on_this_tree, fleet):
                           f"\\nExecStart=\\nExecStart=/bin/sleep infinity\\n' > {dropin}"
                           " && systemctl daemon-reload && systemctl stop taskfleet-worker.service")
     try:
-        cmd = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(LOCAL_INVENTORY),
-               "playbooks/site.yml", "-e", "taskfleet_worker_batch=100%", "-e", "taskfleet_rejoin_timeout=10",
-               "-e", "taskfleet_skip_unchanged=false"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        sys.stdout.write(proc.stdout[-3000:])
+        proc = plain_playbook("site.yml", taskfleet_worker_batch="100%", taskfleet_rejoin_timeout=10,
+                              taskfleet_skip_unchanged="false")
     finally:
         host(broken).run_test(f"rm -f {dropin} && systemctl daemon-reload"
                               " && systemctl restart taskfleet-worker.service")
